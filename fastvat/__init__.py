@@ -1,0 +1,13 @@
+"""fastvat: virtual adversarial training and its relatives as a one-line addition to a training loop."""
+from fastvat import ops
+from fastvat._extension import info as _info
+
+__version__ = "0.1.0"
+
+
+def extension_info() -> dict:
+    """Which kernels are in use: backend ('compiled', 'jit' or 'reference'), CUDA kernels, versions."""
+    return _info()
+
+
+__all__ = ["ops", "extension_info", "__version__"]

@@ -1,0 +1,96 @@
+"""Argument validation shared by the ops and the user API.
+
+Every check raises before any state is touched, and every message names the argument.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name, value, *, floating=False, integer=False):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {value.dtype}"
+        )
+    if integer and value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor of indices, got {value.dtype}")
+    return value
+
+
+def choice(name, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+    return value
+
+
+def finite_number(name, value, *, positive=False, nonnegative=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            raise TypeError(f"{name} must be a Python number, not a tensor (use float({name}))")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def nonnegative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def same_device(name, value, ref_name, ref):
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def same_shape(name, value, ref_name, ref):
+    if value.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+
+
+def leading_mask(mask, x, *, name="mask", x_name="x"):
+    """Validate a mask over the leading dims of x; return it as an x.dtype tensor of shape x.shape[:k].
+
+    The mask may be bool or 0/1 numbers; it must broadcast to a prefix of x's shape.
+    """
+    tensor(name, mask)
+    same_device(name, mask, x_name, x)
+    if mask.dim() > x.dim():
+        raise ValueError(
+            f"{name} has {mask.dim()} dims but {x_name} has {x.dim()}; it must cover leading dims of {x_name}"
+        )
+    prefix = tuple(x.shape[: mask.dim()])
+    try:
+        expanded = mask.expand(prefix)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to the leading dims {prefix} of {x_name}"
+        ) from None
+    if mask.dtype == torch.bool:
+        return expanded.to(x.dtype).contiguous()
+    if not (mask.dtype.is_floating_point or mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+    return expanded.to(x.dtype).contiguous()
+
+
+def not_grad_leaf(name, t):
+    if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} is a leaf tensor that requires grad; an in-place update on it would break autograd "
+            f"(wrap the call in torch.no_grad())"
+        )

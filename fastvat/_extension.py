@@ -1,0 +1,97 @@
+"""Finds the kernels: the compiled module, else a JIT build with ninja, else the reference.
+
+Import never fails; falling back to the pure-PyTorch reference warns once.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import torch
+
+_STATE = {"backend": None, "cuda": False, "error": None}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ops_registered() -> bool:
+    return hasattr(torch.ops, "fastvat") and hasattr(torch.ops.fastvat, "l2_normalize")
+
+
+def _cuda_kernels_present() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastvat::l2_normalize", "CUDA")
+    except Exception:  # pragma: no cover - very old torch
+        return False
+
+
+def _try_compiled() -> bool:
+    try:
+        from fastvat import _C  # noqa: F401  (registers torch.ops.fastvat.*)
+    except ImportError as exc:
+        _STATE["error"] = f"compiled module: {exc}"
+        return False
+    return _ops_registered()
+
+
+def _try_jit() -> bool:
+    csrc = os.path.join(_ROOT, "csrc")
+    if not os.path.isdir(csrc) or os.environ.get("FASTVAT_NO_JIT") == "1":
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        sources = [os.path.join(csrc, "fastvat.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+        with_cuda = bool(torch.version.cuda) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+        if with_cuda:
+            sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+        flags = ["-O3", "-fopenmp"]
+        cpp_extension.load(
+            name="fastvat_jit_cuda" if with_cuda else "fastvat_jit",
+            sources=sources,
+            extra_include_paths=[csrc],
+            extra_cflags=flags + (["-DFASTVAT_WITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=["-O3", "--use_fast_math"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+        _STATE["error"] = f"{_STATE['error']}; JIT build: {exc}"
+        return False
+    return _ops_registered()
+
+
+def load() -> str:
+    if _STATE["backend"] is not None:
+        return _STATE["backend"]
+    forced = os.environ.get("FASTVAT_BACKEND")
+    if forced == "reference":
+        _STATE["backend"] = "reference"
+    elif _try_compiled():
+        _STATE["backend"] = "compiled"
+    elif _try_jit():
+        _STATE["backend"] = "jit"
+    else:
+        _STATE["backend"] = "reference"
+        warnings.warn(
+            "fastvat: compiled kernels unavailable, using the pure-PyTorch reference "
+            f"(slower, same results). Reason: {_STATE['error']}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _STATE["cuda"] = _STATE["backend"] != "reference" and _cuda_kernels_present()
+    return _STATE["backend"]
+
+
+def info() -> dict:
+    load()
+    return {
+        "backend": _STATE["backend"],
+        "cuda_kernels": _STATE["cuda"],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "openmp_threads": torch.get_num_threads(),
+        "load_error": _STATE["error"],
+    }

@@ -1,0 +1,107 @@
+"""Pure-PyTorch versions of every fastvat op.
+
+They are the ground truth for the tests and benchmarks and the fallback when the compiled
+extension is missing. They take already-validated arguments (see ``fastvat._checks``) and
+compute in the accumulation dtype (float32 for half types, float64 for float64).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("global", "sample", "token")
+REDUCTIONS = ("batchmean", "mean", "sum", "none")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fastvat accumulates in for tensors of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_like(mask: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask over the leading dims of x, viewed so it broadcasts against x."""
+    trailing = x.dim() - mask.dim()
+    return mask.to(dtype).reshape(mask.shape + (1,) * trailing)
+
+
+def group_sumsq(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Sum of squares per norm group, shaped to broadcast against v."""
+    sq = v * v
+    if norm == "global":
+        return sq.sum().reshape((1,) * v.dim())
+    if norm == "sample":
+        return sq.reshape(v.shape[0], -1).sum(1).reshape((v.shape[0],) + (1,) * (v.dim() - 1))
+    return sq.sum(-1, keepdim=True)
+
+
+def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
+    """scale * v / ||v|| per group, v = (x - baseline) * mask; zero-norm groups give zeros."""
+    dt = acc_dtype(x.dtype)
+    v = x.to(dt)
+    if baseline is not None:
+        v = v - baseline.to(dt)
+    if mask is not None:
+        v = v * _mask_like(mask, x, dt)
+    if v.numel() == 0:
+        return v.to(x.dtype)
+    n = group_sumsq(v, norm).sqrt()
+    factor = torch.where(n > 0, scale / n.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(n))
+    return (v * factor).to(x.dtype)
+
+
+def perturb_(weight, direction, scale, previous=None, out=None):
+    """The article's in-place step: new = scale*d/||d|| (global), weight += new - previous."""
+    new = l2_normalize(direction, scale=scale, norm="global")
+    if previous is not None:
+        weight.add_((new.to(acc_dtype(weight.dtype)) - previous.to(acc_dtype(weight.dtype))).to(weight.dtype))
+    else:
+        weight.add_(new)
+    if out is not None:
+        out.copy_(new)
+        return out
+    if previous is not None:
+        previous.copy_(new)
+        return previous
+    return new
+
+
+def restore_(weight, previous):
+    """Undo the last perturb_: weight -= previous."""
+    weight.sub_(previous)
+    return weight
+
+
+def kl_rows(p_logits, q_logits, mask=None):
+    """Per-row KL(softmax(p) || softmax(q)) over the last dim, in the accumulation dtype."""
+    dt = acc_dtype(q_logits.dtype)
+    lp = F.log_softmax(p_logits.detach().to(dt), dim=-1)
+    lq = F.log_softmax(q_logits.to(dt), dim=-1)
+    rows = (lp.exp() * (lp - lq)).sum(-1)
+    if mask is not None:
+        rows = rows * mask.to(dt).reshape(rows.shape)
+    return rows
+
+
+def reduce_rows(rows, reduction, batch_size, mask=None):
+    """batchmean: sum / batch size (dim 0); mean: sum / number of (unmasked) rows."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / max(batch_size, 1)
+    count = mask.to(rows.dtype).sum() if mask is not None else torch.tensor(float(rows.numel()), dtype=rows.dtype)
+    return total / count.clamp_min(1)
+
+
+def kl_div_with_logits(p_logits, q_logits, mask=None, reduction="batchmean"):
+    rows = kl_rows(p_logits, q_logits, mask)
+    batch = p_logits.shape[0] if p_logits.dim() > 1 else 1
+    return reduce_rows(rows, reduction, batch, mask)
+
+
+def embedding_gather_add(weight, ids, delta, delta_index, padding_idx=-1):
+    """weight[ids] + delta[delta_index]: the out-of-place weight-target perturbation."""
+    pad = None if padding_idx is None or padding_idx < 0 else padding_idx
+    return F.embedding(ids, weight, padding_idx=pad) + delta[delta_index]
