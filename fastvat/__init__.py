@@ -1,6 +1,7 @@
 """fastvat: virtual adversarial training and its relatives as a one-line addition to a training loop."""
 from fastvat import ops
 from fastvat._extension import info as _info
+from fastvat.vat import VAT, VATLoss
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,4 @@ def extension_info() -> dict:
     return _info()
 
 
-__all__ = ["ops", "extension_info", "__version__"]
+__all__ = ["ops", "extension_info", "VAT", "VATLoss", "__version__"]

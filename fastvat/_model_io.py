@@ -1,0 +1,88 @@
+"""Calling the user's model: finding its logits, and leaving its state as it was found."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+# Keyword arguments that carry supervision; a regularizer on unlabelled data never passes them on.
+LABEL_KWARGS = ("labels", "label", "targets")
+
+
+def extract_logits(output, *, what="the model's output"):
+    """The logits in a model's return value: a tensor, its ``.logits``, a dict's 'logits', or element 0."""
+    if isinstance(output, torch.Tensor):
+        logits = output
+    elif getattr(output, "logits", None) is not None:
+        logits = output.logits
+    elif isinstance(output, dict) and "logits" in output:
+        logits = output["logits"]
+    elif isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    else:
+        raise TypeError(
+            f"cannot find logits in {what}: expected a tensor, an object with .logits, a dict with 'logits' "
+            f"or a tuple whose first element is a tensor; got {type(output).__name__}"
+        )
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"the logits in {what} must be a floating-point tensor, got {type(logits).__name__}")
+    if logits.dim() == 0:
+        raise ValueError(f"the logits in {what} are a 0-dim tensor; a class dim is needed")
+    return logits
+
+
+def strip_labels(kwargs):
+    return {k: v for k, v in kwargs.items() if k not in LABEL_KWARGS}
+
+
+class StateGuard(contextlib.AbstractContextManager):
+    """Snapshots what a regularizer's extra passes could change, and puts it back on exit.
+
+    Training flags of every module and the running statistics of every normalisation layer
+    (BatchNorm & co.) are restored — also when the model raises halfway. Restoring goes through
+    ``.data`` so that a graph built in train mode (which records the buffers) stays valid.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.buffers = []
+        for m in self.model.modules():
+            if isinstance(m, _NormBase) and m.track_running_stats:
+                for b in m.buffers(recurse=False):
+                    if b is not None:
+                        self.buffers.append((b, b.detach().clone()))
+        return self
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.data.copy_(saved)
+        return False
+
+
+def resolve_embedding(model: nn.Module, embedding):
+    """The nn.Embedding the user named (a module of the model, or its dotted name)."""
+    if isinstance(embedding, str):
+        try:
+            module = model.get_submodule(embedding)
+        except AttributeError:
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+            raise ValueError(
+                f"embedding {embedding!r} is not a submodule of the model; nn.Embedding modules found: {names}"
+            ) from None
+    elif isinstance(embedding, nn.Module):
+        module = embedding
+        if not any(m is module for m in model.modules()):
+            raise ValueError("embedding is not a submodule of the model passed in")
+    else:
+        raise TypeError(f"embedding must be an nn.Embedding of the model or its dotted name, got {type(embedding).__name__}")
+    if not isinstance(module, nn.Embedding):
+        raise TypeError(f"embedding must be an nn.Embedding, got {type(module).__name__}")
+    return module

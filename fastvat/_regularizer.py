@@ -1,0 +1,93 @@
+"""What every regularizer shares: picking the target, calling the model with r in place,
+and leaving the model exactly as it was found."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from fastvat import _checks
+from fastvat._model_io import StateGuard, extract_logits, resolve_embedding, strip_labels
+from fastvat._targets import InputTarget, OutputTarget, WeightTarget
+
+TARGETS = ("input", "output", "weight")
+
+
+class Regularizer:
+    """Base class: ``model`` plus where the perturbation goes (``embedding``/``target``/``norm``)."""
+
+    def __init__(self, model, embedding=None, *, norm=None, target=None, generator=None, drop_labels=True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if target is not None:
+            _checks.choice("target", target, TARGETS)
+        module = None
+        if embedding is not None:
+            module = resolve_embedding(model, embedding)
+            if target is None:
+                target = "output"
+            elif target == "input":
+                raise ValueError("target 'input' perturbs the model's input; do not pass embedding= with it")
+        else:
+            if target in ("output", "weight"):
+                raise ValueError(f"target {target!r} needs embedding= (the model's nn.Embedding or its name)")
+            target = "input"
+        if norm is None:
+            norm = "global" if target == "weight" else "sample"
+        _checks.choice("norm", norm, WeightTarget.allowed_norms if target == "weight" else ("global", "sample", "token"))
+        self.model = model
+        self.embedding = module
+        self.target = target
+        self.norm = norm
+        self.generator = generator
+        self.drop_labels = drop_labels
+        if target == "input":
+            self._target = InputTarget(norm, generator)
+        elif target == "output":
+            self._target = OutputTarget(module, norm, generator)
+        else:
+            self._target = WeightTarget(module, norm, generator)
+        self._busy = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call(self, args, kwargs):
+        """Validate, snapshot state, and yield (args, kwargs) ready for the model."""
+        if self._busy:
+            raise RuntimeError(
+                f"{type(self).__name__} was called again while one of its calls is running "
+                "(e.g. from inside the model's forward); use a second instance for nested use"
+            )
+        if self.drop_labels:
+            kwargs = strip_labels(kwargs)
+        t = self._target
+        t.begin_call()
+        args, kwargs = t.prepare(args, kwargs)
+        self._busy = True
+        try:
+            with StateGuard(self.model):
+                yield args, kwargs
+        finally:
+            t.end_call()
+            self._busy = False
+
+    def _forward(self, args, kwargs):
+        """One pass of the model with the target's current spec in place; returns the logits."""
+        t = self._target
+        with t.installed():
+            out = self.model(*t.apply_to_args(args), **kwargs)
+        return extract_logits(out)
+
+    def _clean_logits(self, args, kwargs, logits):
+        if logits is not None:
+            if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+                raise TypeError(f"logits must be a floating-point tensor or None, got {type(logits).__name__}")
+            return logits.detach()
+        with torch.no_grad():
+            return extract_logits(self.model(*args, **kwargs)).detach()
+
+    def _row_mask(self, logits):
+        return self._target.row_mask_for(logits)

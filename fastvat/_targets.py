@@ -1,0 +1,310 @@
+"""Where a perturbation r lives and how it enters the model's forward pass.
+
+Three targets (DESIGN §1):
+  InputTarget   — added to the first positional argument of the model call;
+  OutputTarget  — added to an nn.Embedding's output by a forward hook;
+  WeightTarget  — added to the rows of an nn.Embedding's weight that the batch uses, out of
+                  place (the weight is never written), with the chi-square treatment of the
+                  rows outside the batch so the random start matches the dense algorithm.
+
+r is realised lazily, when the forward pass reaches the target (its shape is known only then),
+from a spec set by the regularizer: a random start, a direction to normalise, raw Gaussian
+noise, zeros, or an explicit value. The realised tensor is ``target.current``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from fastvat import _checks, ops
+from fastvat import reference as ref
+
+
+def chi2_sample(dof: int, *, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """One draw of chi-square(dof): exact sum of squares for small dof, Wilson–Hilferty above.
+
+    Wilson–Hilferty's cube-of-normal approximation has relative error far below 1e-6 in the
+    distribution for dof in the millions (the V·H of a vocabulary matrix), and takes the generator.
+    """
+    if dof <= 0:
+        return torch.zeros((), device=device, dtype=dtype)
+    if dof <= 4096:
+        z = torch.randn(dof, generator=generator, device=device, dtype=torch.float64)
+        return (z * z).sum().to(dtype)
+    z = torch.randn((), generator=generator, device=device, dtype=torch.float64)
+    c = 2.0 / (9.0 * dof)
+    return (dof * (1.0 - c + z * math.sqrt(c)).clamp_min(0) ** 3).to(dtype)
+
+
+class _Spec:
+    __slots__ = ("kind", "value", "scale", "requires_grad")
+
+    def __init__(self, kind, value=None, scale=1.0, requires_grad=False):
+        self.kind, self.value, self.scale, self.requires_grad = kind, value, scale, requires_grad
+
+
+class Target:
+    """Base: the spec → tensor logic shared by every target."""
+
+    name = ""
+    allowed_norms = ("global", "sample", "token")
+
+    def __init__(self, norm: str, generator=None):
+        _checks.choice("norm", norm, self.allowed_norms)
+        self.norm = norm
+        self.generator = generator
+        self.mask = None  # float mask over leading dims of r, or None
+        self._spec = None
+        self.current = None
+
+    # -- the spec -------------------------------------------------------------------------
+    def random(self, scale, *, requires_grad=False):
+        """Gaussian direction normalised to `scale` per norm group (the random start)."""
+        self._set(_Spec("random", scale=scale, requires_grad=requires_grad))
+
+    def direction(self, d, scale, *, requires_grad=False):
+        """`d` normalised to `scale` per norm group."""
+        self._set(_Spec("direction", d.detach(), scale, requires_grad))
+
+    def gaussian(self, sigma, *, requires_grad=False):
+        """Raw N(0, sigma²) noise, no normalisation."""
+        self._set(_Spec("gaussian", scale=sigma, requires_grad=requires_grad))
+
+    def zeros(self, *, requires_grad=True):
+        self._set(_Spec("zeros", requires_grad=requires_grad))
+
+    def value(self, r, *, requires_grad=False):
+        self._set(_Spec("value", r.detach(), requires_grad=requires_grad))
+
+    def _set(self, spec):
+        self._spec = spec
+        self.current = None
+
+    # -- realising it -----------------------------------------------------------------------
+    def _randn(self, shape, like):
+        dt = ref.acc_dtype(like.dtype)
+        return torch.randn(shape, generator=self.generator, device=like.device, dtype=dt)
+
+    def _normalise(self, d, scale, like, extra_sumsq=None):
+        if extra_sumsq is None:
+            return ops.l2_normalize(d.to(like.dtype) if d.dtype != like.dtype else d,
+                                    scale=scale, norm=self.norm, mask=self.mask)
+        # Global norm that also counts the mass of rows outside the batch (weight target).
+        dt = ref.acc_dtype(d.dtype)
+        d = d.to(dt)
+        n = torch.sqrt((d * d).sum() + extra_sumsq.to(dt))
+        return (d * torch.where(n > 0, scale / n.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(n))).to(like.dtype)
+
+    def _realise(self, shape, like, extra_dof=0):
+        spec = self._spec
+        if spec is None:
+            raise RuntimeError("fastvat internal error: the perturbation was used before it was set")
+        if spec.kind == "random":
+            g = self._randn(shape, like)
+            extra = None
+            if extra_dof:
+                extra = chi2_sample(extra_dof, generator=self.generator, device=like.device, dtype=g.dtype)
+            r = self._normalise(g, spec.scale, like, extra)
+        elif spec.kind == "direction":
+            if tuple(spec.value.shape) != tuple(shape):
+                raise RuntimeError(
+                    f"the perturbed tensor changed shape between passes: {tuple(spec.value.shape)} then "
+                    f"{tuple(shape)}; the model must see the same batch in every pass"
+                )
+            r = self._normalise(spec.value, spec.scale, like)
+        elif spec.kind == "gaussian":
+            r = (self._randn(shape, like) * spec.scale)
+            if self.mask is not None:
+                r = r * ref._mask_like(self.mask, r, r.dtype)
+            r = r.to(like.dtype)
+        elif spec.kind == "zeros":
+            r = torch.zeros(shape, device=like.device, dtype=like.dtype)
+        else:
+            r = spec.value.to(like.dtype)
+        if spec.requires_grad:
+            r.requires_grad_(True)
+        return r
+
+    def realise_for(self, shape, like, extra_dof=0):
+        if self.current is None:
+            self.current = self._realise(shape, like, extra_dof)
+        elif tuple(self.current.shape) != tuple(shape):
+            raise RuntimeError(
+                f"the {self.name} target was reached twice in one forward pass with different shapes "
+                f"({tuple(self.current.shape)} and {tuple(shape)}); fastvat perturbs one tensor per pass"
+            )
+        return self.current
+
+    # -- what subclasses provide ------------------------------------------------------------
+    def prepare(self, args, kwargs):
+        """Validate the call and pick up the padding mask; returns (args, kwargs) for the model."""
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def installed(self):
+        yield
+
+    def apply_to_args(self, args):
+        return args
+
+    def dense(self, r):
+        """The perturbation shaped like the tensor it perturbs."""
+        return r
+
+    def row_mask_for(self, logits):
+        """A mask over the logits' rows (token-level models), or None."""
+        return None
+
+    def begin_call(self):
+        self._spec = None
+        self.current = None
+        self.mask = None
+
+    def end_call(self):
+        self._spec = None
+        self.current = None
+
+
+class InputTarget(Target):
+    name = "input"
+
+    def prepare(self, args, kwargs):
+        if not args:
+            raise ValueError("target 'input' perturbs the first positional argument of the call, but none was given")
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(
+                "target 'input' needs a floating-point tensor as the first positional argument "
+                f"(got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}); for token ids, "
+                "pass embedding=model's nn.Embedding"
+            )
+        if self.norm == "sample" and x.dim() == 0:
+            raise ValueError("norm 'sample' needs an input with a batch dim")
+        return args, kwargs
+
+    def apply_to_args(self, args):
+        x = args[0]
+        r = self.realise_for(tuple(x.shape), x.detach())
+        return (x + r,) + tuple(args[1:])
+
+
+class _EmbeddingTarget(Target):
+    def __init__(self, module: nn.Embedding, norm: str, generator=None):
+        super().__init__(norm, generator)
+        self.module = module
+        self._attention_mask = None
+
+    def prepare(self, args, kwargs):
+        am = kwargs.get("attention_mask")
+        self._attention_mask = am if isinstance(am, torch.Tensor) else None
+        return args, kwargs
+
+    def row_mask_for(self, logits):
+        am = self._attention_mask
+        if am is not None and logits.dim() >= 2 and tuple(am.shape) == tuple(logits.shape[:-1]):
+            return am
+        return None
+
+
+class OutputTarget(_EmbeddingTarget):
+    name = "output"
+
+    def _mask_for(self, out):
+        am = self._attention_mask
+        if am is None:
+            return None
+        if tuple(am.shape) != tuple(out.shape[: am.dim()]):
+            raise ValueError(
+                f"attention_mask of shape {tuple(am.shape)} does not match the leading dims of the embedding "
+                f"output {tuple(out.shape)}; pass a mask over the embedded positions"
+            )
+        return _checks.leading_mask(am, out, name="attention_mask", x_name="the embedding output")
+
+    def _hook(self, module, inputs, output):
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            raise TypeError(f"the embedding's output must be a floating-point tensor, got {type(output).__name__}")
+        if self.mask is None and self._attention_mask is not None:
+            self.mask = self._mask_for(output)
+        r = self.realise_for(tuple(output.shape), output.detach())
+        return output + r
+
+    @contextlib.contextmanager
+    def installed(self):
+        handle = self.module.register_forward_hook(self._hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+class WeightTarget(_EmbeddingTarget):
+    """The article's target, out of place: r lives on the U rows the batch uses ([U, H])."""
+
+    name = "weight"
+    allowed_norms = ("global", "token")
+
+    def begin_call(self):
+        super().begin_call()
+        self.ids = None
+        self.rows = None
+        self.inverse = None
+
+    def _capture(self, ids):
+        if self.ids is None:
+            if ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"the embedding's input must be integer token ids, got {ids.dtype}")
+            v = self.module.num_embeddings
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+                raise ValueError(f"token ids must lie in [0, {v}) for the embedding, got values outside")
+            self.ids = ids
+            self.rows, self.inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        elif self.ids.shape != ids.shape:
+            raise RuntimeError("the embedding saw token ids of another shape in a later pass of the same call")
+
+    def _r_rows(self):
+        w = self.module.weight
+        u = self.rows.numel()
+        extra_dof = (self.module.num_embeddings - u) * w.shape[1] if self.norm == "global" else 0
+        return self.realise_for((u, w.shape[1]), w.detach(), extra_dof=extra_dof)
+
+    def _fused_forward(self, ids):
+        self._capture(ids)
+        r = self._r_rows()
+        return ops.embedding_gather_add(
+            self.module.weight, ids, r, self.inverse, padding_idx=self.module.padding_idx
+        )
+
+    def _hook(self, module, inputs, output):
+        self._capture(inputs[0])
+        r = self._r_rows()
+        return output + F.embedding(self.inverse, r)
+
+    @contextlib.contextmanager
+    def installed(self):
+        m = self.module
+        # A plain nn.Embedding is replaced by one fused gather-and-add; subclasses (which may
+        # rescale or otherwise change their output) keep their forward and get r added after it.
+        plain = type(m) is nn.Embedding and m.max_norm is None and not m.sparse
+        if plain:
+            m.forward = self._fused_forward
+            try:
+                yield
+            finally:
+                del m.forward
+        else:
+            handle = m.register_forward_hook(self._hook)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+    def dense(self, r):
+        w = self.module.weight
+        out = torch.zeros(w.shape, device=w.device, dtype=r.dtype)
+        if self.rows is not None:
+            out.index_copy_(0, self.rows, r.detach())
+        return out

@@ -1,0 +1,116 @@
+"""Virtual adversarial training: ``fastvat.VAT`` and the drop-in ``fastvat.VATLoss``."""
+from __future__ import annotations
+
+import torch
+
+from fastvat import _checks, ops
+from fastvat._regularizer import Regularizer
+
+# Defaults per target (see README "Choosing eps and xi"):
+#  - weight/global: the article's code (eps=1, xi=10, one power step on the vocabulary matrix);
+#  - input and embedding output with a per-sample norm: the finite-difference step must be small
+#    next to a sample's norm but large next to float32 rounding; xi=1e-1 with eps=1 (input) and
+#    eps=5 (embedding output, text VAT's value) measured best in tests/test_vat_defaults.py.
+DEFAULTS = {
+    "weight": {"xi": 10.0, "eps": 1.0},
+    "output": {"xi": 1e-1, "eps": 5.0},
+    "input": {"xi": 1e-1, "eps": 1.0},
+}
+
+
+class VAT(Regularizer):
+    """Virtual adversarial loss for ``model`` (Miyato et al.; the article's semantics by default).
+
+    ``vat = fastvat.VAT(model)`` perturbs the model's input; ``fastvat.VAT(model, embedding=emb)``
+    perturbs the output of the ``nn.Embedding`` ``emb`` (default) or, with ``target="weight"``,
+    its vocabulary matrix (the article's semantics, done out of place). Then::
+
+        loss = loss_sup + vat(*args, **kwargs)        # same arguments as model(*args, **kwargs)
+
+    ``vat(..., logits=clean_logits)`` reuses logits the caller already has (no extra forward).
+    Power iterations differentiate with respect to the perturbation only: no weight gradients,
+    ``.grad`` untouched; BatchNorm statistics and ``training`` flags come out as they went in.
+    """
+
+    def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
+                 generator=None, drop_labels=True):
+        super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels)
+        d = DEFAULTS[self.target]
+        self.xi = _checks.finite_number("xi", d["xi"] if xi is None else xi, positive=True)
+        self.eps = _checks.finite_number("eps", d["eps"] if eps is None else eps, positive=True)
+        self.iters = _checks.nonnegative_int("iters", iters)
+
+    def __repr__(self):
+        return (f"VAT(target={self.target!r}, norm={self.norm!r}, xi={self.xi}, eps={self.eps}, "
+                f"iters={self.iters})")
+
+    def _adversarial_direction(self, args, kwargs, p_logits):
+        """Power iteration: d <- grad_d D(p, f(x + xi d/|d|)); returns d (None when iters == 0)."""
+        t = self._target
+        d = None
+        for _ in range(self.iters):
+            if d is None:
+                t.random(self.xi, requires_grad=True)
+            else:
+                t.direction(d, self.xi, requires_grad=True)
+            with torch.enable_grad():
+                q = self._forward(args, kwargs)
+                div = ops.kl_div_with_logits(p_logits, q, mask=self._row_mask(q), reduction="sum")
+                (d,) = torch.autograd.grad(div, t.current)
+        return d
+
+    def _set_final(self, d):
+        t = self._target
+        if d is None:
+            t.random(self.eps)
+        else:
+            t.direction(d, self.eps)
+
+    def __call__(self, *args, logits=None, **kwargs):
+        """L_vat = D(p, f(x + r_adv)), a scalar with gradients for the model's parameters."""
+        with self._call(args, kwargs) as (args, kwargs):
+            p = self._clean_logits(args, kwargs, logits)
+            self._set_final(self._adversarial_direction(args, kwargs, p))
+            q = self._forward(args, kwargs)
+            if q.shape != p.shape:
+                raise ValueError(f"logits has shape {tuple(p.shape)} but the model returned {tuple(q.shape)}")
+            return ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+
+    def perturbation(self, *args, logits=None, **kwargs):
+        """r_adv (detached), shaped like the perturbed tensor (weight target: [V, H], zero off-batch)."""
+        with self._call(args, kwargs) as (args, kwargs):
+            p = self._clean_logits(args, kwargs, logits)
+            t = self._target
+            d = self._adversarial_direction(args, kwargs, p)
+            if d is None:
+                # The random start is realised when the forward reaches the target.
+                t.random(self.eps)
+                with torch.no_grad():
+                    self._forward(args, kwargs)
+            else:
+                t.direction(d, self.eps)
+                if self.target == "input":
+                    t.realise_for(tuple(args[0].shape), args[0].detach())
+                else:
+                    t.current = t._normalise(d, self.eps, d)
+            return t.dense(t.current).detach()
+
+
+class VATLoss:
+    """Drop-in for the ``VATLoss(xi, eps, ip)`` of common PyTorch snippets: ``vat_loss(model, x)``.
+
+    Perturbs the input with a per-sample norm, like those snippets, on fastvat's fast path.
+    """
+
+    def __init__(self, xi=10.0, eps=1.0, ip=1):
+        self.xi = _checks.finite_number("xi", xi, positive=True)
+        self.eps = _checks.finite_number("eps", eps, positive=True)
+        self.ip = _checks.nonnegative_int("ip", ip)
+        self._cache = {}
+
+    def __call__(self, model, x, logits=None):
+        vat = self._cache.get(id(model))
+        if vat is None or vat.model is not model:
+            vat = VAT(model, xi=self.xi, eps=self.eps, iters=self.ip, norm="sample")
+            self._cache = {id(model): vat}
+        return vat(x, logits=logits)
