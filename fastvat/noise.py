@@ -1,0 +1,56 @@
+"""Random-noise regularisation, the article's starting point (and VAT with iters=0)."""
+from __future__ import annotations
+
+import torch
+
+from fastvat import _checks, ops
+from fastvat._model_io import extract_logits
+from fastvat._regularizer import Regularizer
+
+
+class RandomNoise(Regularizer):
+    """Additive Gaussian noise on the input or an embedding, averaged over ``k`` draws.
+
+    With ``eps`` (default) each draw is a Gaussian direction scaled to norm ``eps`` per norm group
+    (exactly VAT with ``iters=0``); with ``sigma`` it is raw ``N(0, sigma²)`` noise. Without
+    ``loss_fn`` the loss is the consistency term ``KL(p(x) || p(x + r))`` (p constant, semi-
+    supervised); with ``loss_fn`` it is ``loss_fn(f(x + r), y)`` (supervised noise training)::
+
+        noise = fastvat.RandomNoise(model, eps=0.5, k=2)
+        loss = loss_sup + noise(x)
+    """
+
+    def __init__(self, model, embedding=None, *, eps=1.0, sigma=None, k=1, loss_fn=None, norm=None, target=None,
+                 generator=None, drop_labels=True):
+        super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels)
+        if sigma is not None:
+            self.sigma = _checks.finite_number("sigma", sigma, positive=True)
+            self.eps = None
+        else:
+            self.sigma = None
+            self.eps = _checks.finite_number("eps", eps, positive=True)
+        self.k = _checks.nonnegative_int("k", k)
+        if self.k == 0:
+            raise ValueError("k must be >= 1 (the number of noise draws per call)")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+
+    def __call__(self, *args, logits=None, y=None, **kwargs):
+        if self.loss_fn is not None and y is None:
+            raise ValueError("y (the targets for loss_fn) is required when loss_fn is given")
+        with self._call(args, kwargs) as (args, kwargs):
+            p = None if self.loss_fn is not None else self._clean_logits(args, kwargs, logits)
+            t = self._target
+            total = 0.0
+            for _ in range(self.k):
+                if self.sigma is not None:
+                    t.gaussian(self.sigma)
+                else:
+                    t.random(self.eps)
+                q = self._forward(args, kwargs)
+                if self.loss_fn is None:
+                    total = total + ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+                else:
+                    total = total + self.loss_fn(q, y)
+            return total / self.k
