@@ -1,0 +1,351 @@
+"""The VAT API against the math of DESIGN §1: eigenvectors, the article's dense algorithm, the
+chi-square random start, and the 'nothing lost' contract."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvat
+from fastvat._targets import chi2_sample
+
+
+class TinyText(nn.Module):
+    """Embedding -> tanh MLP over mean-pooled tokens, masked by attention_mask."""
+
+    def __init__(self, vocab=20, dim=4, classes=3, dtype=torch.float64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, 8)
+        self.fc2 = nn.Linear(8, classes)
+        self.to(dtype)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.fc1(self.emb(input_ids)))
+        if attention_mask is not None:
+            m = attention_mask.to(h.dtype).unsqueeze(-1)
+            h = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            h = h.mean(1)
+        return self.fc2(h)
+
+
+def _mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+
+
+def _kl(p_logits, q_logits):
+    lp = F.log_softmax(p_logits, -1)
+    return (lp.exp() * (lp - F.log_softmax(q_logits, -1))).sum()
+
+
+def _top_eigvec(h):
+    vals, vecs = torch.linalg.eigh(h)
+    return vecs[:, -1], vals
+
+
+def _cos(a, b):
+    a, b = a.flatten(), b.flatten()
+    return float((a @ b).abs() / (a.norm() * b.norm()))
+
+
+# ------------------------------------------------------------------------------------------
+# Power iteration converges to the top eigenvector of the exact Hessian of D
+# ------------------------------------------------------------------------------------------
+def test_input_global_converges_to_top_eigenvector():
+    model = _mlp()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    p = model(x).detach()
+    h = torch.autograd.functional.hessian(lambda r: _kl(p, model(x + r.reshape(x.shape))), torch.zeros(x.numel(), dtype=x.dtype))
+    v, vals = _top_eigvec(h)
+    assert vals[-1] > 1.05 * vals[-2]  # a spectral gap, so the power method converges
+    vat = fastvat.VAT(model, xi=1e-4, eps=2.0, iters=400, norm="global", generator=torch.Generator().manual_seed(1))
+    r = vat.perturbation(x)
+    assert r.norm().item() == pytest.approx(2.0, rel=1e-9)
+    assert _cos(r, v) > 0.9999
+
+
+def test_input_sample_converges_per_sample():
+    model = _mlp()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    vat = fastvat.VAT(model, xi=1e-4, eps=0.7, iters=60, norm="sample", generator=torch.Generator().manual_seed(2))
+    r = vat.perturbation(x)
+    for i in range(x.shape[0]):
+        xi_, pi = x[i : i + 1], model(x[i : i + 1]).detach()
+        h = torch.autograd.functional.hessian(lambda z: _kl(pi, model(xi_ + z.reshape(1, 5))), torch.zeros(5, dtype=x.dtype))
+        v, _ = _top_eigvec(h)
+        assert r[i].norm().item() == pytest.approx(0.7, rel=1e-9)
+        assert _cos(r[i], v) > 0.999
+
+
+@pytest.mark.parametrize("norm", ["global", "sample", "token"])
+def test_embedding_output_fixed_point(norm):
+    """Output target: global/sample converge to top eigenvectors; token to the per-token fixed point."""
+    torch.manual_seed(0)
+    model = TinyText()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    am = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    vat = fastvat.VAT(model, embedding=model.emb, xi=1e-4, eps=1.5, iters=80, norm=norm,
+                      generator=torch.Generator().manual_seed(3))
+    r = vat.perturbation(ids, attention_mask=am)
+    assert r.shape == (2, 4, 4)
+    assert torch.all(r[0, 3] == 0), "padded position must not be perturbed"
+    e = model.emb(ids).detach()
+    p = model(ids, attention_mask=am).detach()
+
+    class Shift(nn.Module):
+        def forward(self, flat):
+            return _kl(p, _forward_with(flat))
+
+    def _forward_with(flat):
+        h = torch.tanh(model.fc1(e + flat.reshape(e.shape)))
+        m = am.to(h.dtype).unsqueeze(-1)
+        return model.fc2((h * m).sum(1) / m.sum(1))
+
+    h = torch.autograd.functional.hessian(lambda z: _kl(p, _forward_with(z)), torch.zeros(e.numel(), dtype=e.dtype))
+    keep = am.to(h.dtype).unsqueeze(-1).expand_as(e).flatten().bool()
+    if norm == "global":
+        assert r.norm().item() == pytest.approx(1.5, rel=1e-9)
+        v, _ = _top_eigvec(h[keep][:, keep])
+        assert _cos(r.flatten()[keep], v) > 0.999
+    elif norm == "sample":
+        for b in range(2):
+            assert r[b].norm().item() == pytest.approx(1.5, rel=1e-9)
+            idx = torch.arange(e.numel()).reshape(e.shape)[b].flatten()
+            idx = idx[keep[idx]]
+            v, _ = _top_eigvec(h[idx][:, idx])
+            assert _cos(r.flatten()[idx], v) > 0.999
+    else:
+        hd = (h @ r.flatten()).reshape(e.shape)
+        for b in range(2):
+            for t in range(4):
+                if am[b, t]:
+                    assert r[b, t].norm().item() == pytest.approx(1.5, rel=1e-9)
+                    assert _cos(hd[b, t], r[b, t]) > 0.999  # per-token fixed point of d <- N(H d)
+
+
+def test_weight_target_converges_to_top_eigenvector():
+    torch.manual_seed(0)
+    model = TinyText(vocab=12, dim=3)
+    ids = torch.tensor([[1, 2, 3], [3, 5, 7]])
+    p = model(ids).detach()
+    w0 = model.emb.weight.detach().clone()
+
+    def loss_of(flat):
+        w = w0 + flat.reshape(w0.shape)
+        return _kl(p, model.fc2(torch.tanh(model.fc1(F.embedding(ids, w))).mean(1)))
+
+    h = torch.autograd.functional.hessian(loss_of, torch.zeros(w0.numel(), dtype=w0.dtype))
+    v, vals = _top_eigvec(h)
+    vat = fastvat.VAT(model, embedding="emb", target="weight", xi=1e-4, eps=1.0, iters=80,
+                      generator=torch.Generator().manual_seed(4))
+    r = vat.perturbation(ids)
+    assert r.shape == w0.shape
+    assert r.norm().item() == pytest.approx(1.0, rel=1e-9)
+    assert _cos(r, v) > 0.999
+    off_batch = torch.ones(12, dtype=torch.bool)
+    off_batch[ids.unique()] = False
+    assert torch.all(r[off_batch] == 0)
+    assert torch.equal(model.emb.weight.detach(), w0), "weight mode must never write the weight"
+
+
+# ------------------------------------------------------------------------------------------
+# Weight mode == the article's dense in-place algorithm
+# ------------------------------------------------------------------------------------------
+def _dense_article_vat(model, ids, d0, xi, eps, iters):
+    """The article's Keras loop, in PyTorch: perturb the whole matrix in place, then undo."""
+    emb = model.emb.weight
+    p = model(ids).detach()
+    delta1, delta2 = torch.zeros_like(emb), d0.clone()
+    with torch.no_grad():
+        for _ in range(iters):
+            delta2 = xi * delta2 / delta2.norm()
+            emb.add_(delta2 - delta1)
+            delta1 = delta2
+            with torch.enable_grad():
+                (delta2,) = torch.autograd.grad(_kl(p, model(ids)), emb)
+        delta2 = eps * delta2 / delta2.norm()
+        emb.add_(delta2 - delta1)
+        loss = _kl(p, model(ids)) / ids.shape[0]
+        emb.sub_(delta2)
+    return delta2, loss
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+def test_weight_mode_matches_dense_article_algorithm(iters):
+    torch.manual_seed(0)
+    model = TinyText(vocab=30, dim=4)
+    ids = torch.tensor([[1, 2, 3, 9], [3, 5, 7, 29]])
+    rows = ids.unique()
+    seed = 11
+    # Rebuild the dense start the weight target draws: the active rows' Gaussian, and rows
+    # outside the batch carrying exactly the chi-square mass it samples.
+    g = torch.Generator().manual_seed(seed)
+    g_rows = torch.randn((rows.numel(), 4), generator=g, dtype=torch.float64)
+    rest_sq = chi2_sample((30 - rows.numel()) * 4, generator=g, dtype=torch.float64)
+    d0 = torch.zeros(30, 4, dtype=torch.float64)
+    d0[rows] = g_rows
+    others = torch.ones(30, dtype=torch.bool)
+    others[rows] = False
+    filler = torch.randn(int(others.sum()), 4, dtype=torch.float64)
+    d0[others] = filler * (rest_sq.sqrt() / filler.norm())
+    w_before = model.emb.weight.detach().clone()
+    r_dense, loss_dense = _dense_article_vat(model, ids, d0, xi=10.0, eps=1.0, iters=iters)
+
+    vat = fastvat.VAT(model, embedding=model.emb, target="weight", xi=10.0, eps=1.0, iters=iters,
+                      generator=torch.Generator().manual_seed(seed))
+    r = vat.perturbation(ids)
+    if iters == 0:
+        # Off-batch rows of the dense noise never reach the loss; fastvat reports them as zero.
+        torch.testing.assert_close(r[rows], r_dense[rows], rtol=1e-9, atol=1e-12)
+        assert torch.all(r[others] == 0)
+    else:
+        torch.testing.assert_close(r, r_dense, rtol=1e-9, atol=1e-12)
+    loss = fastvat.VAT(model, embedding=model.emb, target="weight", xi=10.0, eps=1.0, iters=iters,
+                       generator=torch.Generator().manual_seed(seed))(ids)
+    torch.testing.assert_close(loss, loss_dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(model.emb.weight.detach(), w_before)
+
+
+@pytest.mark.parametrize("vocab,dim", [(60, 4), (3000, 8)])  # exact and Wilson–Hilferty chi-square paths
+def test_chi_square_start_matches_dense_start_in_distribution(vocab, dim):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    torch.manual_seed(0)
+    model = TinyText(vocab=vocab, dim=dim)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    rows = ids.unique()
+    vat = fastvat.VAT(model, embedding=model.emb, target="weight", eps=1.0, iters=0,
+                      generator=torch.Generator().manual_seed(5))
+    draws = 1500
+    fast = torch.stack([vat.perturbation(ids)[rows].norm() for _ in range(draws)])
+    g = torch.Generator().manual_seed(6)
+    dense = torch.stack([
+        (lambda d: (d / d.norm())[rows].norm())(torch.randn(vocab, dim, generator=g, dtype=torch.float64))
+        for _ in range(draws)
+    ])
+    stat = scipy_stats.ks_2samp(fast.numpy(), dense.numpy())
+    assert stat.pvalue > 1e-3, stat
+    # And the direction on the active rows is isotropic: mean of each coordinate ~ 0.
+    expected = math.sqrt(rows.numel() * dim / (vocab * dim))
+    assert float(fast.mean()) == pytest.approx(expected, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# Behaviour
+# ------------------------------------------------------------------------------------------
+def test_iters_zero_is_gaussian_noise_of_norm_eps():
+    model = _mlp()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    vat = fastvat.VAT(model, eps=0.3, iters=0, generator=torch.Generator().manual_seed(0))
+    r1, r2 = vat.perturbation(x), vat.perturbation(x)
+    torch.testing.assert_close(r1.norm(dim=1), torch.full((6,), 0.3, dtype=torch.float64))
+    assert not torch.allclose(r1, r2)
+
+
+def test_logits_argument_matches_internal_clean_forward():
+    model = _mlp()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    a = fastvat.VAT(model, generator=torch.Generator().manual_seed(7))(x)
+    b = fastvat.VAT(model, generator=torch.Generator().manual_seed(7))(x, logits=model(x))
+    torch.testing.assert_close(a, b)
+
+
+def test_vatloss_dropin_matches_vat_sample_norm():
+    model = _mlp()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    a = fastvat.VATLoss(xi=10.0, eps=1.0, ip=1)(model, x)
+    torch.manual_seed(3)
+    b = fastvat.VAT(model, xi=10.0, eps=1.0, iters=1, norm="sample")(x)
+    torch.testing.assert_close(a, b)
+    assert a.item() > 0
+
+
+def test_loss_gradient_flows_to_parameters_only_through_final_pass():
+    model = _mlp()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    vat = fastvat.VAT(model, eps=0.5, generator=torch.Generator().manual_seed(0))
+    loss = vat(x)
+    assert all(p.grad is None for p in model.parameters()), "power iteration must not write .grad"
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+class BNNet(nn.Module):
+    def __init__(self, fail_on_call=None):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(6, 3)
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise RuntimeError("boom")
+        return self.fc(self.drop(self.bn(self.emb(input_ids).mean(1))))
+
+
+def _snapshot(model):
+    return {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
+        "buffers": {k: v.clone() for k, v in model.named_buffers()},
+        "training": [m.training for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__) for m in model.modules()],
+    }
+
+
+def _assert_same(a, b):
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+        ga, gb = a["grads"][k], b["grads"][k]
+        assert (ga is None and gb is None) or torch.equal(ga, gb), k
+    for k in a["buffers"]:
+        assert torch.equal(a["buffers"][k], b["buffers"][k]), k
+    assert a["training"] == b["training"]
+    assert a["hooks"] == b["hooks"]
+
+
+def _regularizers(model):
+    return [
+        fastvat.VAT(model, embedding=model.emb),
+        fastvat.VAT(model, embedding=model.emb, target="weight"),
+        fastvat.RandomNoise(model, embedding=model.emb, k=2),
+        fastvat.FGM(model, F.cross_entropy, embedding=model.emb),
+        fastvat.PGD(model, F.cross_entropy, embedding=model.emb, target="weight", steps=2),
+        fastvat.GradientPenalty(model, embedding=model.emb),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("fail_on_call", [None, 1, 2, 3])
+def test_nothing_lost(index, fail_on_call):
+    torch.manual_seed(0)
+    model = BNNet()
+    model.train()
+    model.fc.eval()  # a mixed state must survive too
+    ids = torch.randint(0, 20, (8, 5))
+    y = torch.randint(0, 3, (8,))
+    model(ids).sum().backward()  # existing .grad and BN statistics to preserve
+    reg = _regularizers(model)[index]
+    kwargs = {"y": y} if isinstance(reg, (fastvat.FGM, fastvat.PGD)) else {}
+    before = _snapshot(model)
+    if fail_on_call is not None:
+        model.calls = 0
+        reg(ids, **kwargs)  # count the passes this regularizer makes; fail in the last one at most
+        fail_on_call = min(fail_on_call, model.calls)
+        _assert_same(before, _snapshot(model))
+    model.calls, model.fail_on_call = 0, fail_on_call
+    if fail_on_call is None:
+        loss = reg(ids, **kwargs)
+        assert torch.isfinite(loss)
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            reg(ids, **kwargs)
+    _assert_same(before, _snapshot(model))
