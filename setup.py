@@ -53,7 +53,7 @@ def _extensions():
         # cpp_extension read CUDA_HOME at import; point it at the real toolkit.
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     sources = ["csrc/fastvat.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]  # no -std: torch adds the one it needs (c++20 for torch >= 2.13)
     kwargs = dict(
         name="fastvat._C",
         sources=sources,
@@ -64,7 +64,7 @@ def _extensions():
         kwargs["sources"] = sources + sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["extra_compile_args"] = {
             "cxx": cxx + ["-DFASTVAT_WITH_CUDA"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         }
         return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
     kwargs["extra_compile_args"] = {"cxx": cxx}

@@ -94,3 +94,13 @@ def not_grad_leaf(name, t):
             f"{name} is a leaf tensor that requires grad; an in-place update on it would break autograd "
             f"(wrap the call in torch.no_grad())"
         )
+
+
+def index_range(name, idx, size, what):
+    """Every value of the integer tensor idx lies in [0, size). Reads the values (a host sync on a
+    GPU), so callers use it on the CPU, or where they synchronise anyway."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name} must lie in [0, {size}) ({what}), got values in [{lo}, {hi}]")

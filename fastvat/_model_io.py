@@ -37,18 +37,35 @@ def strip_labels(kwargs):
     return {k: v for k, v in kwargs.items() if k not in LABEL_KWARGS}
 
 
+def _cuda_rng_states():
+    """The global CUDA generators' states, when CUDA is in use and no graph is being captured."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    return torch.cuda.get_rng_state_all()
+
+
 class StateGuard(contextlib.AbstractContextManager):
     """Snapshots what a regularizer's extra passes could change, and puts it back on exit.
 
     Training flags of every module and the running statistics of every normalisation layer
     (BatchNorm & co.) are restored — also when the model raises halfway. Restoring goes through
     ``.data`` so that a graph built in train mode (which records the buffers) stays valid.
+    When the call raises, the random number generators (the global CPU and CUDA ones, and
+    ``generator`` if given) are also put back, so a failed call leaves no trace at all: an error
+    found halfway (a bad ``logits=``, non-finite values, the model raising) after the random start
+    was drawn does not shift the user's random stream. A successful call advances them as usual.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, generator=None):
         self.model = model
+        self.generator = generator
 
     def __enter__(self):
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = _cuda_rng_states()
+        self.gen_rng = self.generator.get_state() if self.generator is not None else None
         self.flags = [(m, m.training) for m in self.model.modules()]
         self.buffers = []
         for m in self.model.modules():
@@ -58,12 +75,18 @@ class StateGuard(contextlib.AbstractContextManager):
                         self.buffers.append((b, b.detach().clone()))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for m, flag in self.flags:
             m.training = flag
         with torch.no_grad():
             for buf, saved in self.buffers:
                 buf.data.copy_(saved)
+        if exc_type is not None:
+            torch.set_rng_state(self.rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state_all(self.cuda_rng)
+            if self.gen_rng is not None:
+                self.generator.set_state(self.gen_rng)
         return False
 
 

@@ -51,6 +51,7 @@ class Regularizer:
         else:
             self._target = WeightTarget(module, norm, generator)
         self._busy = False
+        self._given_logits = None  # the caller's logits= during a call, checked against the model's
 
     # -- plumbing ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -67,26 +68,40 @@ class Regularizer:
         t.begin_call()
         args, kwargs = t.prepare(args, kwargs)
         self._busy = True
+        self._given_logits = None
         try:
-            with StateGuard(self.model):
+            with StateGuard(self.model, self.generator):
                 yield args, kwargs
         finally:
             t.end_call()
             self._busy = False
+            self._given_logits = None
 
     def _forward(self, args, kwargs):
         """One pass of the model with the target's current spec in place; returns the logits."""
         t = self._target
         with t.installed():
             out = self.model(*t.apply_to_args(args), **kwargs)
-        return extract_logits(out)
+        t.check_reached()
+        q = extract_logits(out)
+        given = self._given_logits
+        if given is not None:
+            if given.device != q.device:
+                raise ValueError(f"logits is on {given.device} but the model's logits are on {q.device}")
+            if given.shape != q.shape:
+                raise ValueError(
+                    f"logits has shape {tuple(given.shape)} but the model returned logits of shape {tuple(q.shape)}"
+                )
+        return q
 
     def _clean_logits(self, args, kwargs, logits):
         if logits is not None:
             if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-                raise TypeError(f"logits must be a floating-point tensor or None, got {type(logits).__name__}")
+                what = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise TypeError(f"logits must be a floating-point tensor or None, got {what}")
+            self._given_logits = logits
             return logits.detach()
-        with torch.no_grad():
+        with torch.no_grad(), self._target.clean_pass():
             return extract_logits(self.model(*args, **kwargs)).detach()
 
     def _row_mask(self, logits):

@@ -148,6 +148,20 @@ class Target:
     def installed(self):
         yield
 
+    @contextlib.contextmanager
+    def clean_pass(self):
+        """Around the unperturbed pass: lets a target validate what reaches it (nothing by default)."""
+        yield
+
+    def check_reached(self):
+        """After a perturbed pass: the forward must have reached the target."""
+        if self.current is None and self._spec is not None:
+            module = getattr(self, "module", None)
+            raise ValueError(
+                f"the model's forward never called the embedding passed as embedding= ({module!r}), so there "
+                "was nothing to perturb; pass the nn.Embedding that the model's forward uses"
+            )
+
     def apply_to_args(self, args):
         return args
 
@@ -255,11 +269,16 @@ class WeightTarget(_EmbeddingTarget):
 
     def _capture(self, ids):
         if self.ids is None:
-            if ids.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"the embedding's input must be integer token ids, got {ids.dtype}")
+            if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+                what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise TypeError(f"the embedding's input must be integer token ids, got {what}")
             v = self.module.num_embeddings
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
-                raise ValueError(f"token ids must lie in [0, {v}) for the embedding, got values outside")
+            if ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < 0 or hi >= v:
+                    raise ValueError(
+                        f"token ids must lie in [0, {v}) for the embedding ({v} rows), got values in [{lo}, {hi}]"
+                    )
             self.ids = ids
             self.rows, self.inverse = torch.unique(ids, sorted=True, return_inverse=True)
         elif self.ids.shape != ids.shape:
@@ -283,12 +302,29 @@ class WeightTarget(_EmbeddingTarget):
         r = self._r_rows()
         return output + F.embedding(self.inverse, r)
 
+    def _capture_hook(self, module, inputs):
+        if inputs:
+            self._capture(inputs[0])
+
+    @contextlib.contextmanager
+    def clean_pass(self):
+        # Validate (and capture) the token ids before nn.Embedding sees them: an id out of range
+        # gets an error that says so, instead of the embedding's IndexError (or a device assert).
+        handle = self.module.register_forward_pre_hook(self._capture_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     @contextlib.contextmanager
     def installed(self):
         m = self.module
         # A plain nn.Embedding is replaced by one fused gather-and-add; subclasses (which may
-        # rescale or otherwise change their output) keep their forward and get r added after it.
-        plain = type(m) is nn.Embedding and m.max_norm is None and not m.sparse
+        # rescale or otherwise change their output) keep their forward and get r added after it,
+        # and so does an embedding whose forward is already patched on the instance (by the user,
+        # or by another fastvat call running around this one): that patch is left untouched.
+        plain = (type(m) is nn.Embedding and m.max_norm is None and not m.sparse
+                 and "forward" not in m.__dict__)
         if plain:
             m.forward = self._fused_forward
             try:

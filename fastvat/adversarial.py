@@ -35,6 +35,7 @@ class _Supervised(Regularizer):
         t = self._target
         with t.installed():
             out = self.model(*t.apply_to_args(args), **kwargs)
+        t.check_reached()
         if self.loss_fn is None:
             return _model_loss(out)
         return self.loss_fn(extract_logits(out), y)
@@ -46,8 +47,10 @@ class _Supervised(Regularizer):
     def _grad(self, args, kwargs, y):
         with torch.enable_grad():
             loss = self._loss(args, kwargs, y)
-            (g,) = torch.autograd.grad(loss, self._target.current)
-        return g
+            r = self._target.current
+            g = torch.autograd.grad(loss, r, allow_unused=True)[0] if loss.requires_grad else None
+        # A loss that does not depend on r has a zero gradient (and then a zero-norm step, not NaN).
+        return torch.zeros_like(r) if g is None else g
 
 
 class FGM(_Supervised):
@@ -83,6 +86,8 @@ class PGD(_Supervised):
         self.random_start = bool(random_start)
 
     def _project(self, r):
+        if r.numel() == 0:  # an empty batch: nothing to project
+            return r
         n = ref.group_sumsq(r.to(ref.acc_dtype(r.dtype)), self.norm).sqrt()
         factor = torch.clamp(self.eps / n.clamp_min(torch.finfo(n.dtype).tiny), max=1.0)
         return (r * factor).to(r.dtype)

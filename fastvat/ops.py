@@ -250,6 +250,9 @@ def embedding_gather_add(weight, ids, delta, delta_index, *, padding_idx=None):
     _checks.same_shape("delta_index", delta_index, "ids", ids)
     if delta.dtype != weight.dtype:
         raise TypeError(f"delta must have weight's dtype {weight.dtype}, got {delta.dtype}")
+    if weight.device.type == "cpu":  # on a GPU, checking would cost a host sync: the kernel asserts
+        _checks.index_range("ids", ids, weight.shape[0], "the rows of weight")
+        _checks.index_range("delta_index", delta_index, delta.shape[0], "the rows of delta")
     if padding_idx is None:
         padding_idx = -1
     elif padding_idx < 0:

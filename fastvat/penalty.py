@@ -10,6 +10,12 @@ FORMS = ("kl", "mse")
 ESTIMATORS = ("rademacher", "exact")
 
 
+def _grad_or_zero(y, r):
+    """d y / d r with a graph; zeros when y does not depend on r (a model that ignores its input)."""
+    g = torch.autograd.grad(y, r, create_graph=True, allow_unused=True)[0] if y.requires_grad else None
+    return torch.zeros_like(r) if g is None else g
+
+
 class GradientPenalty(Regularizer):
     """Penalty on the input-gradient of the model, averaged over the batch.
 
@@ -38,7 +44,9 @@ class GradientPenalty(Regularizer):
         mask = self._target.mask
         if mask is not None:
             g = g * mask.reshape(mask.shape + (1,) * (g.dim() - mask.dim())).to(g.dtype)
-        return (g * g).reshape(g.shape[0], -1).sum(1) if g.dim() > 0 else g * g
+        if g.dim() == 0:
+            return g * g
+        return (g * g).reshape(g.shape[0], -1).sum(1) if g.numel() else g.new_zeros(g.shape[0])
 
     def __call__(self, *args, **kwargs):
         with self._call(args, kwargs) as (args, kwargs):
@@ -53,13 +61,13 @@ class GradientPenalty(Regularizer):
                 if self.estimator == "exact":
                     total = 0.0
                     for c in range(out.shape[-1]):
-                        (g,) = torch.autograd.grad(out[..., c].sum(), r, create_graph=True)
+                        g = _grad_or_zero(out[..., c].sum(), r)
                         total = total + self._per_example_sqnorm(g)
-                    return total.mean()
+                    return total.sum() / max(total.numel(), 1)  # an empty batch gives 0, not NaN
                 total = 0.0
                 for _ in range(self.samples):
                     u = torch.randint(0, 2, out.shape, generator=self.generator, device="cpu").to(out.device)
                     u = u.to(out.dtype) * 2 - 1
-                    (g,) = torch.autograd.grad((u * out).sum(), r, create_graph=True)
+                    g = _grad_or_zero((u * out).sum(), r)
                     total = total + self._per_example_sqnorm(g)
-                return (total / self.samples).mean()
+                return (total / self.samples).sum() / max(total.numel(), 1)

@@ -76,7 +76,9 @@ def kl_rows(p_logits, q_logits, mask=None):
     dt = acc_dtype(q_logits.dtype)
     lp = F.log_softmax(p_logits.detach().to(dt), dim=-1)
     lq = F.log_softmax(q_logits.to(dt), dim=-1)
-    rows = (lp.exp() * (lp - lq)).sum(-1)
+    pp = lp.exp()
+    # 0 * log 0 = 0: a class with p = -inf (probability 0) adds nothing, even where q = -inf too.
+    rows = torch.where(pp > 0, pp * (lp - lq), torch.zeros_like(pp)).sum(-1)
     if mask is not None:
         rows = rows * mask.to(dt).reshape(rows.shape)
     return rows

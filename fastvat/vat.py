@@ -1,9 +1,11 @@
 """Virtual adversarial training: ``fastvat.VAT`` and the drop-in ``fastvat.VATLoss``."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from fastvat import _checks, ops
+from fastvat import _checks, _hvp, ops
 from fastvat._regularizer import Regularizer
 
 # Defaults per target (see README "Choosing eps and xi"):
@@ -16,6 +18,12 @@ DEFAULTS = {
     "output": {"xi": 1e-1, "eps": 5.0},
     "input": {"xi": 1e-1, "eps": 1.0},
 }
+
+# What a NaN/Inf in the logits or the power-iteration gradient does (docs/reliability.md):
+# "raise" a FloatingPointError naming where it appeared (one host check of the loss per call);
+# "zero": a zero perturbation / zero loss for that call, with a RuntimeWarning;
+# "ignore": no check, no host sync (e.g. under CUDA graph capture) — the caller checks the loss.
+NONFINITE = ("raise", "zero", "ignore")
 
 
 class VAT(Regularizer):
@@ -30,15 +38,22 @@ class VAT(Regularizer):
     ``vat(..., logits=clean_logits)`` reuses logits the caller already has (no extra forward).
     Power iterations differentiate with respect to the perturbation only: no weight gradients,
     ``.grad`` untouched; BatchNorm statistics and ``training`` flags come out as they went in.
+    ``nonfinite``: ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf appeared
+    (clean logits, power iteration, adversarial pass); ``"zero"`` a zero perturbation (or a zero
+    loss) for that call, with a warning; ``"ignore"`` skips the check (no host sync).
     """
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
-                 generator=None, drop_labels=True):
+                 generator=None, drop_labels=True, nonfinite="raise", hvp="auto"):
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels)
         d = DEFAULTS[self.target]
         self.xi = _checks.finite_number("xi", d["xi"] if xi is None else xi, positive=True)
         self.eps = _checks.finite_number("eps", d["eps"] if eps is None else eps, positive=True)
         self.iters = _checks.nonnegative_int("iters", iters)
+        # Power step: "finite_difference" (xi matters), "exact" (the xi -> 0 limit, see fastvat._hvp),
+        # "auto": exact when it would run in fp16/bf16, where x + xi*d rounds back to x.
+        self.hvp = _checks.choice("hvp", hvp, _hvp.MODES)
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, NONFINITE)
 
     def __repr__(self):
         return (f"VAT(target={self.target!r}, norm={self.norm!r}, xi={self.xi}, eps={self.eps}, "
@@ -48,7 +63,14 @@ class VAT(Regularizer):
         """Power iteration: d <- grad_d D(p, f(x + xi d/|d|)); returns d (None when iters == 0)."""
         t = self._target
         d = None
+        exact = self.iters > 0 and _hvp.use_exact(self, args)
         for _ in range(self.iters):
+            if exact:
+                try:
+                    d = _hvp.exact_step(self, args, kwargs, d)
+                    continue
+                except _hvp.FallBack:
+                    exact = False
             if d is None:
                 t.random(self.xi, requires_grad=True)
             else:
@@ -56,7 +78,10 @@ class VAT(Regularizer):
             with torch.enable_grad():
                 q = self._forward(args, kwargs)
                 div = ops.kl_div_with_logits(p_logits, q, mask=self._row_mask(q), reduction="sum")
-                (d,) = torch.autograd.grad(div, t.current)
+                r = t.current
+                d = torch.autograd.grad(div, r, allow_unused=True)[0] if div.requires_grad else None
+                if d is None:  # D does not depend on r (a model that ignores it): zero direction, zero r
+                    d = torch.zeros_like(r)
         return d
 
     def _set_final(self, d):
@@ -70,18 +95,20 @@ class VAT(Regularizer):
         """L_vat = D(p, f(x + r_adv)), a scalar with gradients for the model's parameters."""
         with self._call(args, kwargs) as (args, kwargs):
             p = self._clean_logits(args, kwargs, logits)
-            self._set_final(self._adversarial_direction(args, kwargs, p))
+            d = self._finite_direction(self._adversarial_direction(args, kwargs, p), p)
+            self._set_final(d)
             q = self._forward(args, kwargs)
             if q.shape != p.shape:
                 raise ValueError(f"logits has shape {tuple(p.shape)} but the model returned {tuple(q.shape)}")
-            return ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+            loss = ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+            return self._finite_loss(loss, p, d, logits is not None)
 
     def perturbation(self, *args, logits=None, **kwargs):
         """r_adv (detached), shaped like the perturbed tensor (weight target: [V, H], zero off-batch)."""
         with self._call(args, kwargs) as (args, kwargs):
             p = self._clean_logits(args, kwargs, logits)
             t = self._target
-            d = self._adversarial_direction(args, kwargs, p)
+            d = self._finite_direction(self._adversarial_direction(args, kwargs, p), p)
             if d is None:
                 # The random start is realised when the forward reaches the target.
                 t.random(self.eps)
@@ -93,7 +120,48 @@ class VAT(Regularizer):
                     t.realise_for(tuple(args[0].shape), args[0].detach())
                 else:
                     t.current = t._normalise(d, self.eps, d)
-            return t.dense(t.current).detach()
+            r = t.dense(t.current).detach()
+            if self.nonfinite == "raise" and not bool(torch.isfinite(r).all()):
+                raise FloatingPointError(
+                    f"VAT: non-finite value (NaN or Inf) in {self._where_nonfinite(p, d, logits is not None)}"
+                )
+            return r
+
+    # -- NaN / Inf (nonfinite=) -------------------------------------------------------------
+    def _finite_direction(self, d, p):
+        """nonfinite="zero": a power-iteration direction holding NaN/Inf becomes a zero perturbation."""
+        if self.nonfinite != "zero" or d is None or bool(torch.isfinite(d).all()):
+            return d
+        if bool(torch.isfinite(p).all()):  # else the loss check reports the clean logits
+            warnings.warn(
+                "VAT: non-finite value (NaN or Inf) in the power iteration (the model's logits or their gradient "
+                "at x + xi*d); using a zero perturbation for this call (nonfinite='zero')",
+                RuntimeWarning, stacklevel=3,
+            )
+        return torch.zeros_like(d)
+
+    @staticmethod
+    def _where_nonfinite(p, d, given):
+        if not bool(torch.isfinite(p).all()):
+            return ("the logits passed as logits=" if given
+                    else "the clean logits (the model's output at the unperturbed input)")
+        if d is not None and not bool(torch.isfinite(d).all()):
+            return "the power iteration (the model's logits or their gradient at x + xi*d)"
+        return "the adversarial pass (the model's logits at x + r_adv)"
+
+    def _finite_loss(self, loss, p, d, given):
+        """One host check of the loss; on NaN/Inf find where it came from, then raise or zero it."""
+        if self.nonfinite == "ignore" or bool(torch.isfinite(loss)):
+            return loss
+        where = self._where_nonfinite(p, d, given)
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"VAT: non-finite value (NaN or Inf) in {where}, so the loss would be {float(loss.detach())}; "
+                "pass nonfinite='zero' to skip such calls with a warning"
+            )
+        warnings.warn(f"VAT: non-finite value (NaN or Inf) in {where}; returning a zero loss for this call "
+                      "(nonfinite='zero')", RuntimeWarning, stacklevel=3)
+        return torch.zeros_like(loss)
 
 
 class VATLoss:

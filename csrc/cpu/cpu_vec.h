@@ -1,0 +1,211 @@
+// Shared by the CPU kernels that need SIMD (l2_normalize, perturb_, kl_div_with_logits).
+//
+// ISA: setup.py compiles every file with the baseline flags (x86-64 = SSE2), under which ATen's
+// at::vec::Vectorized is a plain array and its exp() a scalar libm call per lane. So on x86-64
+// with GCC this header opens a `#pragma GCC target("avx2,fma,f16c")` region, selects ATen's
+// AVX2 Vectorized (namespace at::vec::AVX2, so nothing collides with baseline code), and the
+// including file closes the region with FASTVAT_CPU_VEC_END after its kernels. The op entry
+// points and registrations stay outside the region (baseline code) and call the kernels only
+// when `simd_enabled()` says the CPU has AVX2/FMA/F16C; otherwise they run an ATen composition
+// of the same math (also forced by FASTVAT_CPU_SIMD=0, which the tests use to check it).
+// Elsewhere (clang, aarch64, ...) the region is not opened and ATen's default vector code is
+// used directly.
+//
+// Include order in a kernel file: every non-vector header first, then this header, then the
+// kernels, then FASTVAT_CPU_VEC_END, then the entry points and TORCH_LIBRARY_IMPL.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/TypeCast.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(CPU_CAPABILITY)
+#define FASTVAT_CPU_AVX2 1
+#endif
+
+namespace fastvat {
+namespace cpu {
+
+// Fixed reduction chunk (elements). Partial sums are taken over chunks whose boundaries depend
+// only on the tensor's size, then added in chunk order, so results are the same for any number
+// of threads.
+constexpr int64_t kChunk = 16384;
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether the vectorized kernels may run: the CPU has the ISA they were compiled for, and
+// FASTVAT_CPU_SIMD is not "0".
+inline bool simd_enabled() {
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTVAT_CPU_SIMD");
+    if (env != nullptr && env[0] == '0') return false;
+#ifdef FASTVAT_CPU_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return true;
+#endif
+  }();
+  return ok;
+}
+
+}  // namespace cpu
+}  // namespace fastvat
+
+#ifdef FASTVAT_CPU_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+// Lambdas' function-pointer thunks are emitted without the target; they are never called.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#define FASTVAT_CPU_VEC_END _Pragma("GCC pop_options")
+// g++ does not define the ISA macros for a target pragma in C++; sleef.h (via vec.h) needs them.
+#ifndef __AVX__
+#define __AVX__ 1
+#define FASTVAT_UNDEF_AVX
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#define FASTVAT_UNDEF_AVX2
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#define FASTVAT_UNDEF_FMA
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#define FASTVAT_UNDEF_F16C
+#endif
+#else
+#define FASTVAT_CPU_VEC_END
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#ifdef FASTVAT_UNDEF_AVX
+#undef __AVX__
+#endif
+#ifdef FASTVAT_UNDEF_AVX2
+#undef __AVX2__
+#endif
+#ifdef FASTVAT_UNDEF_FMA
+#undef __FMA__
+#endif
+#ifdef FASTVAT_UNDEF_F16C
+#undef __F16C__
+#endif
+
+namespace fastvat {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+// Loads and stores of W = Vectorized<acc_t>::size() elements of T, converted to/from acc_t
+// (float for float/half/bfloat16, double for double). `n` variants touch only the first n
+// elements (loads fill the other lanes with zero).
+template <typename T>
+struct VecIO {
+  using acc_t = T;
+  using V = Vectorized<T>;
+  static constexpr int64_t W = V::size();
+  static inline V load(const T* p) { return V::loadu(p); }
+  static inline V load(const T* p, int64_t n) { return V::loadu(p, n); }
+  static inline void store(T* p, const V& v) { v.store(p); }
+  static inline void store(T* p, const V& v, int64_t n) { v.store(p, static_cast<int>(n)); }
+  // The value after a round trip through T.
+  static inline V round(const V& v) { return v; }
+};
+
+template <typename T>
+struct VecIO16 {
+  using acc_t = float;
+  using V = Vectorized<float>;
+  static constexpr int64_t W = V::size();
+  static inline V load(const T* p, int64_t n) {
+    __at_align__ float tmp[W];
+    for (int64_t i = 0; i < W; ++i) tmp[i] = i < n ? static_cast<float>(p[i]) : 0.f;
+    return V::loadu(tmp);
+  }
+  static inline void store(T* p, const V& v, int64_t n) {
+    __at_align__ float tmp[W];
+    v.store(tmp);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+};
+
+template <>
+struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
+  using T = c10::BFloat16;
+  using VecIO16<T>::load;
+  using VecIO16<T>::store;
+#ifdef FASTVAT_CPU_AVX2
+  static inline V load(const T* p) {
+    return V(_mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+  }
+  static inline __m128i pack(const V& v) { return at::vec::cvtfp32_bf16(__m256(v)); }
+  static inline void store(T* p, const V& v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static inline V round(const V& v) {
+    return V(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(pack(v)), 16)));
+  }
+#else
+  static inline V load(const T* p) { return load(p, W); }
+  static inline void store(T* p, const V& v) { store(p, v, W); }
+  static inline V round(const V& v) {
+    __at_align__ T tmp[W];
+    store(tmp, v);
+    return load(tmp);
+  }
+#endif
+};
+
+template <>
+struct VecIO<c10::Half> : VecIO16<c10::Half> {
+  using T = c10::Half;
+  using VecIO16<T>::load;
+  using VecIO16<T>::store;
+#ifdef FASTVAT_CPU_AVX2
+  static inline V load(const T* p) { return V(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+  static inline __m128i pack(const V& v) { return _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline void store(T* p, const V& v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static inline V round(const V& v) { return V(_mm256_cvtph_ps(pack(v))); }
+#else
+  static inline V load(const T* p) { return load(p, W); }
+  static inline void store(T* p, const V& v) { store(p, v, W); }
+  static inline V round(const V& v) {
+    __at_align__ T tmp[W];
+    store(tmp, v);
+    return load(tmp);
+  }
+#endif
+};
+
+// Horizontal sum in a fixed lane order.
+template <typename V>
+inline typename V::value_type hsum(const V& v) {
+  using A = typename V::value_type;
+  __at_align__ A tmp[V::size()];
+  v.store(tmp);
+  A s = 0;
+  for (int64_t i = 0; i < V::size(); ++i) s += tmp[i];
+  return s;
+}
+
+}  // namespace cpu
+}  // namespace fastvat

@@ -1,0 +1,234 @@
+// CPU kernel of fastvat::kl_div_with_logits: per row of [N, C] logits,
+//   loss = KL(softmax(p) || softmax(q)),  grad = d loss / d q = softmax(q) - softmax(p)  (times mask).
+//
+// One read pass per row gathers, per vector lane, the running maxima mp, mq, the sums
+//   Zp = sum e^{p - mp},  Zq = sum e^{q - mq},  S = sum e^{p - mp} (p - q),
+// rescaled whenever a block of 16 vectors raises a lane's maximum (online softmax). The lanes are
+// merged in a fixed order, then loss = S/Zp - (mp + log Zp) + (mq + log Zq). When the gradient is
+// wanted a second pass over the same row (still in L2) writes it. Rows are independent and are
+// split over threads; masked rows (mask == 0) cost nothing and give loss 0, gradient 0.
+#include <torch/library.h>
+
+#include "common.h"
+#include "cpu/cpu_vec.h"
+
+namespace fastvat {
+namespace cpu {
+namespace {
+
+template <typename A>
+struct RowStats {
+  A mp, zp, mq, zq, s;
+};
+
+template <typename V>
+inline V vexp(const V& v) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+template <typename T>
+struct KLRow {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  static constexpr int64_t W = IO::W;
+  static constexpr int64_t K = 16;  // vectors per block between max updates
+
+  // p - q, but 0 where softmax(p) is 0 (a class with p = -inf adds nothing, as 0 log 0 = 0).
+  static inline V diff(const V& ep, const V& pv, const V& qv) {
+    const V zero(acc_t(0));
+    return V::blendv(pv - qv, zero, ep == zero);
+  }
+
+  static RowStats<acc_t> stats(const T* p, const T* q, int64_t C) {
+    const acc_t lowest = std::numeric_limits<acc_t>::lowest();
+    V mp(lowest), mq(lowest), zp(acc_t(0)), zq(acc_t(0)), s(acc_t(0));
+    int64_t i = 0;
+    for (; i + K * W <= C; i += K * W) {
+      V bp = IO::load(p + i), bq = IO::load(q + i);
+      for (int64_t k = 1; k < K; ++k) {
+        bp = at::vec::maximum(bp, IO::load(p + i + k * W));
+        bq = at::vec::maximum(bq, IO::load(q + i + k * W));
+      }
+      const V nmp = at::vec::maximum(mp, bp), nmq = at::vec::maximum(mq, bq);
+      const V ap = vexp(mp - nmp), aq = vexp(mq - nmq);
+      V sp(acc_t(0)), sq(acc_t(0)), ss(acc_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const V pv = IO::load(p + i + k * W), qv = IO::load(q + i + k * W);
+        const V ep = vexp(pv - nmp);
+        sp = sp + ep;
+        sq = sq + vexp(qv - nmq);
+        ss = at::vec::fmadd(ep, diff(ep, pv, qv), ss);
+      }
+      zp = at::vec::fmadd(zp, ap, sp);
+      s = at::vec::fmadd(s, ap, ss);
+      zq = at::vec::fmadd(zq, aq, sq);
+      mp = nmp;
+      mq = nmq;
+    }
+    for (; i < C; i += W) {
+      const int64_t n = std::min<int64_t>(W, C - i);
+      V pv, qv, pm, qm;
+      if (n == W) {
+        pv = pm = IO::load(p + i);
+        qv = qm = IO::load(q + i);
+      } else {
+        // Zero-filled lanes: keep them out of the maxima and the sums.
+        pv = IO::load(p + i, n);
+        qv = IO::load(q + i, n);
+        pm = V::set(V(lowest), pv, n);
+        qm = V::set(V(lowest), qv, n);
+      }
+      const V nmp = at::vec::maximum(mp, pm), nmq = at::vec::maximum(mq, qm);
+      const V ap = vexp(mp - nmp), aq = vexp(mq - nmq);
+      V ep = vexp(pm - nmp), eq = vexp(qm - nmq);
+      if (n < W) {
+        ep = V::set(V(acc_t(0)), ep, n);
+        eq = V::set(V(acc_t(0)), eq, n);
+      }
+      zp = at::vec::fmadd(zp, ap, ep);
+      s = at::vec::fmadd(s, ap, ep * diff(ep, pv, qv));
+      zq = at::vec::fmadd(zq, aq, eq);
+      mp = nmp;
+      mq = nmq;
+    }
+    // Merge the lanes in order.
+    __at_align__ acc_t amp[W], azp[W], amq[W], azq[W], as[W];
+    mp.store(amp);
+    zp.store(azp);
+    mq.store(amq);
+    zq.store(azq);
+    s.store(as);
+    RowStats<acc_t> r;
+    r.mp = amp[0];
+    r.mq = amq[0];
+    for (int64_t l = 1; l < W; ++l) {
+      r.mp = std::max(r.mp, amp[l]);
+      r.mq = std::max(r.mq, amq[l]);
+    }
+    r.zp = r.zq = r.s = acc_t(0);
+    for (int64_t l = 0; l < W; ++l) {
+      const acc_t cp = std::exp(amp[l] - r.mp), cq = std::exp(amq[l] - r.mq);
+      r.zp += azp[l] * cp;
+      r.s += as[l] * cp;
+      r.zq += azq[l] * cq;
+    }
+    return r;
+  }
+
+  // g = (e^{q - mq} / Zq - e^{p - mp} / Zp) * m
+  static void grad(const T* p, const T* q, int64_t C, const RowStats<acc_t>& r, acc_t m, T* g) {
+    const V mp(r.mp), mq(r.mq), cp(m / r.zp), cq(m / r.zq);
+    int64_t i = 0;
+    for (; i + W <= C; i += W) {
+      const V gp = vexp(IO::load(p + i) - mp) * cp;
+      IO::store(g + i, at::vec::fmsub(vexp(IO::load(q + i) - mq), cq, gp));
+    }
+    if (i < C) {
+      const int64_t n = C - i;
+      const V gp = vexp(IO::load(p + i, n) - mp) * cp;
+      IO::store(g + i, at::vec::fmsub(vexp(IO::load(q + i, n) - mq), cq, gp), n);
+    }
+  }
+};
+
+template <typename T, typename A>
+void kl_kernel(const T* p, const T* q, const A* mask, int64_t N, int64_t C, A* rows, T* g) {
+  using acc_t = typename VecIO<T>::acc_t;
+  static_assert(std::is_same_v<acc_t, A>, "mask/rows must be in the accumulation dtype");
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) {
+      const acc_t m = mask != nullptr ? mask[n] : acc_t(1);
+      T* gn = g != nullptr ? g + n * C : nullptr;
+      if (m == acc_t(0) || C == 0) {
+        rows[n] = acc_t(0);
+        if (gn != nullptr) std::fill(gn, gn + C, T(0));
+        continue;
+      }
+      const T* pn = p + n * C;
+      const T* qn = q + n * C;
+      const RowStats<acc_t> r = KLRow<T>::stats(pn, qn, C);
+      const double loss = static_cast<double>(r.s) / static_cast<double>(r.zp) +
+                          (static_cast<double>(r.mq) - static_cast<double>(r.mp)) +
+                          (std::log(static_cast<double>(r.zq)) - std::log(static_cast<double>(r.zp)));
+      rows[n] = static_cast<acc_t>(loss) * m;
+      if (gn != nullptr) KLRow<T>::grad(pn, qn, C, r, m, gn);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastvat
+
+FASTVAT_CPU_VEC_END
+
+namespace fastvat {
+namespace cpu {
+namespace {
+
+// Same math with ATen ops, for CPUs without the kernels' ISA.
+std::tuple<at::Tensor, at::Tensor> kl_fallback(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mask,
+                                               bool compute_grad) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor lp = at::log_softmax(p.to(acc), 1), lq = at::log_softmax(q.to(acc), 1);
+  const at::Tensor ep = lp.exp();
+  at::Tensor rows = at::where(ep > 0, ep * (lp - lq), at::zeros_like(ep)).sum(1);
+  if (mask.defined()) rows = rows * mask;
+  at::Tensor grad;
+  if (compute_grad) {
+    grad = lq.exp() - ep;
+    if (mask.defined()) grad = grad * mask.unsqueeze(1);
+    grad = grad.to(q.scalar_type()).contiguous();
+  } else {
+    grad = at::empty({0}, q.options());
+  }
+  return {rows.contiguous(), grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cpu(const at::Tensor& p_logits, const at::Tensor& q_logits,
+                                                          const c10::optional<at::Tensor>& mask, bool compute_grad) {
+  check_floating(p_logits, "p_logits");
+  check_floating(q_logits, "q_logits");
+  TORCH_CHECK(q_logits.dim() == 2, "fastvat: kl_div_with_logits: q_logits must be 2-D [N, C], got shape ",
+              q_logits.sizes());
+  check_same(p_logits, "p_logits", q_logits, "q_logits");
+  TORCH_CHECK(p_logits.scalar_type() == q_logits.scalar_type(),
+              "fastvat: kl_div_with_logits: p_logits must have q_logits' dtype ", q_logits.scalar_type(), ", got ",
+              p_logits.scalar_type());
+  const int64_t N = q_logits.size(0), C = q_logits.size(1);
+  const auto acc = q_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mc;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == acc, "fastvat: kl_div_with_logits: mask must have dtype ", acc,
+                " for q_logits of dtype ", q_logits.scalar_type(), ", got ", mask->scalar_type());
+    TORCH_CHECK(mask->device() == q_logits.device(), "fastvat: kl_div_with_logits: mask is on ", mask->device(),
+                " but q_logits is on ", q_logits.device());
+    TORCH_CHECK(mask->numel() == N, "fastvat: kl_div_with_logits: mask must have one entry per row (", N,
+                "), got shape ", mask->sizes());
+    mc = mask->contiguous().reshape({N});
+  }
+  const at::Tensor p = p_logits.contiguous(), q = q_logits.contiguous();
+  if (!simd_enabled()) return kl_fallback(p, q, mc, compute_grad);
+  at::Tensor rows = at::empty({N}, q.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty({N, C}, q.options()) : at::empty({0}, q.options());
+  if (N == 0) return {rows, grad};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastvat_kl_div_cpu", [&] {
+    using acc_t = typename VecIO<scalar_t>::acc_t;
+    kl_kernel<scalar_t, acc_t>(p.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                               mc.defined() ? mc.const_data_ptr<acc_t>() : nullptr, N, C,
+                               rows.mutable_data_ptr<acc_t>(), compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {rows, grad};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastvat
+
+TORCH_LIBRARY_IMPL(fastvat, CPU, m) { m.impl("kl_div_with_logits", &fastvat::cpu::kl_div_with_logits_cpu); }

@@ -1,0 +1,374 @@
+// kl_div_with_logits on CUDA: per row of [N, C] logits,
+//   loss = KL(softmax(p) || softmax(q)) (times mask), grad = (softmax(q) - softmax(p)) (times mask).
+//
+// One team per row: a warp for small C (8 rows per block), else a whole block. Pass 1 reads the
+// row once and keeps online-softmax statistics (max, Σe^{x-max}) for p and q plus the
+// online-rescaled S = Σ e^{p-mp}(p - q). Pass 2 (when the gradient is wanted, or when the row is
+// cached in registers) computes softmax(p), softmax(q), writes the gradient and accumulates the
+// loss as Σ softmax(p)·((p - q) - c), c = (mp + log Zp) - (mq + log Zq) — each term is small when
+// p ≈ q, so the loss keeps its relative accuracy even for tiny KL (the VAT regime). Without
+// pass 2, loss = S/Zp - c.
+//
+// Rows up to 4096 16-byte vectors (fp32 C <= 16384, bf16 C <= 32768) stay in registers between
+// the passes; longer rows are read again in pass 2, backwards, by one 1024-thread block per
+// multiprocessor so that most of the row is still in L2. Masked rows (mask == 0) are not read.
+#include "common.h"
+#include "cuda/cuda_utils.cuh"
+
+#include <torch/library.h>
+
+#include <limits>
+
+namespace fastvat {
+namespace cuda {
+namespace {
+
+struct Span {
+  int64_t h, be;
+};
+template <int VEC>
+__device__ __forceinline__ Span split_span(int64_t a, int64_t e) {
+  int64_t h = ((a + VEC - 1) / VEC) * VEC;
+  if (h > e) h = e;
+  const int64_t be = h + ((e - h) / VEC) * VEC;
+  return {h, be};
+}
+
+template <typename A>
+struct Online {
+  A mp, zp, sp, mq, zq;
+  __device__ __forceinline__ void init() {
+    mp = -std::numeric_limits<A>::infinity();
+    mq = -std::numeric_limits<A>::infinity();
+    zp = sp = zq = A(0);
+  }
+  template <int VEC>
+  __device__ __forceinline__ void add(const A (&pv)[VEC], const A (&qv)[VEC]) {
+    constexpr A ninf = -std::numeric_limits<A>::infinity();
+    A vp = pv[0], vq = qv[0];
+#pragma unroll
+    for (int k = 1; k < VEC; ++k) {
+      vp = pv[k] > vp ? pv[k] : vp;
+      vq = qv[k] > vq ? qv[k] : vq;
+    }
+    if (vp > mp) {
+      const A c = fast_exp(mp - vp);
+      zp *= c;
+      sp *= c;
+      mp = vp;
+    }
+    if (vq > mq) {
+      zq *= fast_exp(mq - vq);
+      mq = vq;
+    }
+    if (mp != ninf) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A e = fast_exp(pv[k] - mp);
+        zp += e;
+        sp += e > A(0) ? e * (pv[k] - qv[k]) : A(0);  // 0·log 0 = 0, also for q = -inf
+      }
+    }
+    if (mq != ninf) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) zq += fast_exp(qv[k] - mq);
+    }
+  }
+  __device__ __forceinline__ void add1(A p, A q) {
+    const A pv[1] = {p};
+    const A qv[1] = {q};
+    add<1>(pv, qv);
+  }
+};
+
+// Row statistics after the team reduction, and the per-element pass-2 math.
+template <typename A>
+struct Final {
+  A mp, mq, inv_zp, inv_zq, zp, sp, c, mm;
+  bool pvalid, qvalid;
+  // softmax(p), softmax(q) at one element; adds the element's KL term to kl.
+  __device__ __forceinline__ A grad(A p, A q, A& kl) const {
+    const A ep = pvalid ? fast_exp(p - mp) * inv_zp : A(0);
+    const A eq = qvalid ? fast_exp(q - mq) * inv_zq : A(0);
+    kl += ep > A(0) ? ep * ((p - q) - c) : A(0);
+    return (eq - ep) * mm;
+  }
+};
+
+template <int TEAM, typename A, int K>
+__device__ __forceinline__ void team_sum(A (&v)[K], A* smem) {
+  if constexpr (TEAM == 32) {
+    warp_sum_k<A, K>(v);
+  } else {
+    block_sum<A, K>(v, smem);
+  }
+}
+template <int TEAM, typename A, int K>
+__device__ __forceinline__ void team_max(A (&v)[K], A* smem) {
+  if constexpr (TEAM == 32) {
+    warp_max_k<A, K>(v);
+  } else {
+    block_max<A, K>(v, smem);
+  }
+}
+
+template <int TEAM, typename A>
+__device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem) {
+  constexpr A ninf = -std::numeric_limits<A>::infinity();
+  A mx[2] = {st.mp, st.mq};
+  team_max<TEAM, A, 2>(mx, smem);
+  const A cp = st.mp == ninf ? A(0) : fast_exp(st.mp - mx[0]);
+  const A cq = st.mq == ninf ? A(0) : fast_exp(st.mq - mx[1]);
+  A s[3] = {st.zp * cp, st.sp * cp, st.zq * cq};
+  team_sum<TEAM, A, 3>(s, smem);
+  Final<A> f;
+  f.mp = mx[0];
+  f.mq = mx[1];
+  f.zp = s[0];
+  f.sp = s[1];
+  f.inv_zp = A(1) / s[0];
+  f.inv_zq = A(1) / s[2];
+  f.pvalid = mx[0] != ninf;
+  f.qvalid = mx[1] != ninf;
+  f.c = (mx[0] + ::log(s[0])) - (mx[1] + ::log(s[2]));
+  f.mm = mm;
+  return f;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void to_acc(const Pack<T, VEC>& p, acc_t<T> (&v)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v[k] = static_cast<acc_t<T>>(p.val[k]);
+}
+
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    kl_rows_kernel(const T* __restrict__ P, const T* __restrict__ Q, T* __restrict__ Gd,
+                   const acc_t<T>* __restrict__ M, acc_t<T>* __restrict__ rows, int64_t N, int64_t C) {
+  using A = acc_t<T>;
+  constexpr int U = 2;  // vectors per tensor in flight per thread in the uncached loops
+  __shared__ A smem[32 * 3];
+  const int tid = TEAM == 32 ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
+  const int64_t r = TEAM == 32 ? static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + (threadIdx.x >> 5)
+                               : static_cast<int64_t>(blockIdx.x);
+  if (r >= N) return;
+  const int64_t a = r * C;
+  const int64_t e = a + C;
+  const Span sp = split_span<VEC>(a, e);
+  const int64_t nb = (sp.be - sp.h) / VEC;
+  const int head = static_cast<int>(sp.h - a);
+  const int tail = static_cast<int>(e - sp.be);
+  const bool want_grad = Gd != nullptr;
+
+  const A mm = M != nullptr ? M[r] : A(1);
+  if (mm == A(0)) {  // masked row: zero loss and gradient, no reads
+    if (tid == 0) rows[r] = A(0);
+    if (want_grad) {
+      Pack<T, VEC> z;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z.val[k] = static_cast<T>(0.0f);
+      for (int64_t k = tid; k < nb; k += TEAM) store_pack<T, VEC>(Gd + sp.h + k * VEC, z);
+      if (tid < head) Gd[a + tid] = static_cast<T>(0.0f);
+      if (tid < tail) Gd[sp.be + tid] = static_cast<T>(0.0f);
+    }
+    return;
+  }
+
+  Online<A> st;
+  st.init();
+  A hp = A(0), hq = A(0), tp = A(0), tq = A(0);
+  if (tid < head) {
+    hp = static_cast<A>(P[a + tid]);
+    hq = static_cast<A>(Q[a + tid]);
+  }
+  if (tid < tail) {
+    tp = static_cast<A>(P[sp.be + tid]);
+    tq = static_cast<A>(Q[sp.be + tid]);
+  }
+
+  if constexpr (VPT > 0) {
+    Pack<T, VEC> cp[VPT], cq[VPT];
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
+      if (k < nb) {
+        cp[s] = load_pack<T, VEC>(P + sp.h + k * VEC);
+        cq[s] = load_pack<T, VEC>(Q + sp.h + k * VEC);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
+      if (k < nb) {
+        A pv[VEC], qv[VEC];
+        to_acc<T, VEC>(cp[s], pv);
+        to_acc<T, VEC>(cq[s], qv);
+        st.add<VEC>(pv, qv);
+      }
+    }
+    if (tid < head) st.add1(hp, hq);
+    if (tid < tail) st.add1(tp, tq);
+    const Final<A> f = finalize<TEAM, A>(st, mm, smem);
+    A kl[1] = {A(0)};
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
+      if (k < nb) {
+        A pv[VEC], qv[VEC];
+        to_acc<T, VEC>(cp[s], pv);
+        to_acc<T, VEC>(cq[s], qv);
+        Pack<T, VEC> g;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
+        if (want_grad) store_pack<T, VEC>(Gd + sp.h + k * VEC, g);
+      }
+    }
+    if (tid < head) {
+      const A g = f.grad(hp, hq, kl[0]);
+      if (want_grad) Gd[a + tid] = static_cast<T>(g);
+    }
+    if (tid < tail) {
+      const A g = f.grad(tp, tq, kl[0]);
+      if (want_grad) Gd[sp.be + tid] = static_cast<T>(g);
+    }
+    team_sum<TEAM, A, 1>(kl, smem);
+    if (tid == 0) rows[r] = kl[0] * mm;
+  } else {
+    constexpr int64_t step = TEAM;
+    for (int64_t k0 = tid; k0 < nb; k0 += step * U) {
+      Pack<T, VEC> bp[U], bq[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k0 + u * step;
+        if (k < nb) {
+          bp[u] = load_pack<T, VEC>(P + sp.h + k * VEC);
+          bq[u] = load_pack<T, VEC>(Q + sp.h + k * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k0 + u * step < nb) {
+          A pv[VEC], qv[VEC];
+          to_acc<T, VEC>(bp[u], pv);
+          to_acc<T, VEC>(bq[u], qv);
+          st.add<VEC>(pv, qv);
+        }
+      }
+    }
+    if (tid < head) st.add1(hp, hq);
+    if (tid < tail) st.add1(tp, tq);
+    const Final<A> f = finalize<TEAM, A>(st, mm, smem);
+    if (!want_grad) {
+      if (tid == 0) rows[r] = (f.sp / f.zp - f.c) * mm;
+      return;
+    }
+    A kl[1] = {A(0)};
+    // Backwards over the same (k0, u) tiles: the last-read vectors first (still in L2).
+    const int64_t nsteps = (nb + step * U - 1) / (step * U);
+    for (int64_t s = nsteps - 1; s >= 0; --s) {
+      const int64_t k0 = s * step * U + tid;
+      Pack<T, VEC> bp[U], bq[U];
+#pragma unroll
+      for (int u = U - 1; u >= 0; --u) {
+        const int64_t k = k0 + u * step;
+        if (k < nb) {
+          bp[u] = load_pack<T, VEC>(P + sp.h + k * VEC);
+          bq[u] = load_pack<T, VEC>(Q + sp.h + k * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = U - 1; u >= 0; --u) {
+        const int64_t k = k0 + u * step;
+        if (k < nb) {
+          A pv[VEC], qv[VEC];
+          to_acc<T, VEC>(bp[u], pv);
+          to_acc<T, VEC>(bq[u], qv);
+          Pack<T, VEC> g;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
+          store_pack<T, VEC>(Gd + sp.h + k * VEC, g);
+        }
+      }
+    }
+    if (tid < head) Gd[a + tid] = static_cast<T>(f.grad(hp, hq, kl[0]));
+    if (tid < tail) Gd[sp.be + tid] = static_cast<T>(f.grad(tp, tq, kl[0]));
+    team_sum<TEAM, A, 1>(kl, smem);
+    if (tid == 0) rows[r] = kl[0] * mm;
+  }
+}
+
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+void launch_kl(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, int64_t N, int64_t C, int device) {
+  const int64_t rows_per_block = TEAM == 32 ? THREADS / 32 : 1;
+  const int64_t blocks = ceil_div(N, rows_per_block);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.kl_div_with_logits: too many rows");
+  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>
+      <<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(p, q, g, m, rows, N, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mask, at::Tensor& rows,
+                 at::Tensor& grad, int64_t N, int64_t C) {
+  using A = acc_t<T>;
+  constexpr int VEC = vec16<T>();
+  const int device = q.get_device();
+  const T* pp = p.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  T* gp = grad.numel() > 0 ? grad.data_ptr<T>() : nullptr;
+  const A* mp = mask.defined() ? mask.data_ptr<A>() : nullptr;
+  A* rp = rows.data_ptr<A>();
+  const bool aligned = is_aligned(pp, 16) && is_aligned(qp, 16) && (gp == nullptr || is_aligned(gp, 16));
+  if (aligned) {
+    const int64_t nvec = C / VEC;
+    if (nvec <= 32 * 4) return launch_kl<T, VEC, 32, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
+    if (nvec <= 256 * 4) return launch_kl<T, VEC, 256, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
+    if (nvec <= 512 * 8) return launch_kl<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
+    return launch_kl<T, VEC, 1024, 0, 1024>(pp, qp, gp, mp, rp, N, C, device);
+  }
+  if (C <= 1024) return launch_kl<T, 1, 32, 0, 256>(pp, qp, gp, mp, rp, N, C, device);
+  launch_kl<T, 1, 1024, 0, 1024>(pp, qp, gp, mp, rp, N, C, device);
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
+                                                           const std::optional<at::Tensor>& mask_in,
+                                                           bool compute_grad) {
+  check_floating(p_in, "p_logits");
+  check_floating(q_in, "q_logits");
+  TORCH_CHECK(q_in.is_cuda(), "fastvat.kl_div_with_logits: q_logits must be a CUDA tensor");
+  check_same(p_in, "p_logits", q_in, "q_logits");
+  TORCH_CHECK(q_in.dim() >= 1, "fastvat.kl_div_with_logits: the logits need a class dim");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor p = (p_in.scalar_type() == q.scalar_type() ? p_in : p_in.to(q.scalar_type())).contiguous();
+  const auto acc = at::toOpMathType(q.scalar_type());
+  const int64_t C = q.size(-1);
+  const int64_t N = C == 0 ? 1 : q.numel() / C;
+  at::Tensor mask;
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK(mask_in->device() == q.device(), "fastvat.kl_div_with_logits: mask must be on the logits' device");
+    TORCH_CHECK(mask_in->numel() == q.numel() / std::max<int64_t>(C, 1) || C == 0,
+                "fastvat.kl_div_with_logits: mask must have one entry per row");
+    mask = mask_in->to(acc).contiguous();
+  }
+  auto lead = q.sizes().vec();
+  lead.pop_back();
+  at::Tensor rows = at::empty(lead, q.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty_like(q, at::MemoryFormat::Contiguous) : at::empty({0}, q.options());
+  if (rows.numel() == 0) return std::make_tuple(rows, grad);
+  if (C == 0) {
+    rows.zero_();
+    return std::make_tuple(rows, grad);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(),
+                                  "fastvat_kl_div_with_logits_cuda",
+                                  [&] { kl_dispatch<scalar_t>(p, q, mask, rows, grad, N, C); });
+  return std::make_tuple(rows, grad);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastvat
+
+TORCH_LIBRARY_IMPL(fastvat, CUDA, m) { m.impl("kl_div_with_logits", &fastvat::cuda::kl_div_with_logits_cuda); }

@@ -1,0 +1,345 @@
+// l2_normalize on CUDA: out = scale * v / ||v|| per group, v = (x - baseline) * mask.
+//
+// Two strategies:
+//  * rows (token mode, small sample groups): one warp or one block per group; the group's values
+//    stay in registers between the sum of squares and the scaling, so x is read once.
+//  * chunks (global norm, big groups, or unaligned data): kernel 1 writes one fp32 (fp64 for
+//    double) partial sum of squares per (group, chunk); kernel 2 has every block reduce its group's
+//    partials itself in a fixed order (deterministic, no host sync, no extra launch) and scale its
+//    chunk, walking the chunks in the reverse order so that the data kernel 1 read last is still
+//    in L2.
+#include "common.h"
+#include "cuda/cuda_utils.cuh"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+
+namespace fastvat {
+namespace cuda {
+namespace {
+
+// Where the values of v come from. mmode: 0 no mask, 1 one mask entry per VEC-vector (inner is a
+// multiple of VEC), 2 a mask entry per element.
+template <typename T, int VEC>
+struct L2Src {
+  using A = acc_t<T>;
+  const T* __restrict__ x;
+  const T* __restrict__ b;  // nullptr: no baseline
+  const T* __restrict__ m;  // nullptr: no mask
+  MaskIndex mi;
+  int mmode;
+
+  // v for the VEC elements starting at i (i a multiple of VEC, so the access is aligned).
+  __device__ __forceinline__ void load_vec(int64_t i, A (&v)[VEC]) const {
+    const auto px = load_pack<T, VEC>(x + i);
+    if (b != nullptr) {
+      const auto pb = load_pack<T, VEC>(b + i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] = static_cast<A>(px.val[k]) - static_cast<A>(pb.val[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] = static_cast<A>(px.val[k]);
+    }
+    if (mmode == 1) {
+      const A mm = static_cast<A>(m[mi(i)]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] *= mm;
+    } else if (mmode == 2) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] *= static_cast<A>(m[mi(i + k)]);
+    }
+  }
+
+  __device__ __forceinline__ A load1(int64_t i) const {
+    A v = static_cast<A>(x[i]);
+    if (b != nullptr) v -= static_cast<A>(b[i]);
+    if (mmode != 0) v *= static_cast<A>(m[mi(i)]);
+    return v;
+  }
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_scaled(T* out, int64_t i, const acc_t<T> (&v)[VEC], acc_t<T> f) {
+  Pack<T, VEC> p;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) p.val[k] = static_cast<T>(v[k] * f);
+  store_pack<T, VEC>(out + i, p);
+}
+
+// [a, e) = head scalars [a, h), VEC-vectors [h, be), tail scalars [be, e); indices that are
+// multiples of VEC are 16-byte aligned (the caller checked the base pointers).
+struct Span {
+  int64_t h, be;
+};
+template <int VEC>
+__device__ __forceinline__ Span split_span(int64_t a, int64_t e) {
+  int64_t h = ((a + VEC - 1) / VEC) * VEC;
+  if (h > e) h = e;
+  const int64_t be = h + ((e - h) / VEC) * VEC;
+  return {h, be};
+}
+
+// ------------------------------------------------------------------------------------------
+// Row kernels: TEAM threads per group (32: a warp, 8 groups per block; else the whole block),
+// VPT cached VEC-vectors per thread. Needs G / VEC <= TEAM * VPT.
+// ------------------------------------------------------------------------------------------
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+__global__ void __launch_bounds__(THREADS) l2_rows_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t R,
+                                                           int64_t G, acc_t<T> scale, bool row_mask) {
+  using A = acc_t<T>;
+  __shared__ A smem[32];
+  const int tid = TEAM == 32 ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
+  const int64_t r = TEAM == 32 ? static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + (threadIdx.x >> 5)
+                               : static_cast<int64_t>(blockIdx.x);
+  if (r >= R) return;  // whole warp (TEAM 32) or whole block: no reduction is left waiting
+  const int64_t a = r * G;
+  const int64_t e = a + G;
+  const Span sp = split_span<VEC>(a, e);
+  const int64_t nb = (sp.be - sp.h) / VEC;
+  const int head = static_cast<int>(sp.h - a);
+  const int tail = static_cast<int>(e - sp.be);
+
+  A mm = A(1);
+  if (row_mask) {
+    mm = static_cast<A>(src.m[src.mi(a)]);
+    if (mm == A(0)) {  // a masked-out group: zeros, and no need to read x
+      Pack<T, VEC> z;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z.val[k] = static_cast<T>(0.0f);
+      for (int64_t k = tid; k < nb; k += TEAM) store_pack<T, VEC>(out + sp.h + k * VEC, z);
+      if (tid < head) out[a + tid] = static_cast<T>(0.0f);
+      if (tid < tail) out[sp.be + tid] = static_cast<T>(0.0f);
+      return;
+    }
+  }
+
+  A v[VPT][VEC];
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
+    if (k < nb) {
+      src.load_vec(sp.h + k * VEC, v[s]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[s][j] = A(0);
+    }
+  }
+  A hv = tid < head ? src.load1(a + tid) : A(0);
+  A tv = tid < tail ? src.load1(sp.be + tid) : A(0);
+  if (row_mask) {
+#pragma unroll
+    for (int s = 0; s < VPT; ++s)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[s][j] *= mm;
+    hv *= mm;
+    tv *= mm;
+  }
+  A ss[1] = {hv * hv + tv * tv};
+#pragma unroll
+  for (int s = 0; s < VPT; ++s)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) ss[0] += v[s][j] * v[s][j];
+  if constexpr (TEAM == 32) {
+    warp_sum_k<A, 1>(ss);
+  } else {
+    block_sum<A, 1>(ss, smem);
+  }
+  const A f = norm_factor(ss[0], scale);
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
+    if (k < nb) store_scaled<T, VEC>(out, sp.h + k * VEC, v[s], f);
+  }
+  if (tid < head) out[a + tid] = static_cast<T>(hv * f);
+  if (tid < tail) out[sp.be + tid] = static_cast<T>(tv * f);
+}
+
+// ------------------------------------------------------------------------------------------
+// Chunk kernels: block blk covers chunk j = blk % bpg of group g = blk / bpg, i.e. elements
+// [g*G + j*cs, min(g*G + (j+1)*cs, (g+1)*G)).
+// ------------------------------------------------------------------------------------------
+constexpr int kChunkThreads = 256;
+constexpr int kUnroll = 4;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> src, int64_t G, int64_t cs,
+                                                                  int64_t bpg, acc_t<T>* __restrict__ ws) {
+  using A = acc_t<T>;
+  __shared__ A smem[32];
+  const int64_t blk = blockIdx.x;
+  const int64_t g = blk / bpg;
+  const int64_t j = blk - g * bpg;
+  const int64_t a = g * G + j * cs;
+  const int64_t e = imin(a + cs, (g + 1) * G);
+  const Span sp = split_span<VEC>(a, e);
+  const int tid = threadIdx.x;
+  A ss[1] = {A(0)};
+  for (int64_t i = a + tid; i < sp.h; i += kChunkThreads) {
+    const A v = src.load1(i);
+    ss[0] += v * v;
+  }
+  for (int64_t i = sp.be + tid; i < e; i += kChunkThreads) {
+    const A v = src.load1(i);
+    ss[0] += v * v;
+  }
+  constexpr int64_t step = static_cast<int64_t>(kChunkThreads) * VEC;
+  for (int64_t base = sp.h + static_cast<int64_t>(tid) * VEC; base < sp.be; base += step * kUnroll) {
+    A v[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * step;
+      if (i < sp.be) {
+        src.load_vec(i, v[u]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[u][k] = A(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ss[0] += v[u][k] * v[u][k];
+  }
+  block_sum<A, 1>(ss, smem);
+  if (tid == 0) ws[blk] = ss[0];
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kChunkThreads) l2_scale_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t G,
+                                                                  int64_t cs, int64_t bpg,
+                                                                  const acc_t<T>* __restrict__ ws, acc_t<T> scale) {
+  using A = acc_t<T>;
+  __shared__ A smem[32];
+  const int64_t blk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;  // reverse of kernel 1
+  const int64_t g = blk / bpg;
+  const int64_t j = blk - g * bpg;
+  const A f = norm_factor(block_sum_array(ws + g * bpg, bpg, smem), scale);
+  const int64_t a = g * G + j * cs;
+  const int64_t e = imin(a + cs, (g + 1) * G);
+  const Span sp = split_span<VEC>(a, e);
+  const int tid = threadIdx.x;
+  for (int64_t i = sp.be + tid; i < e; i += kChunkThreads) out[i] = static_cast<T>(src.load1(i) * f);
+  constexpr int64_t step = static_cast<int64_t>(kChunkThreads) * VEC;
+  const int64_t nsteps = (sp.be - sp.h + step * kUnroll - 1) / (step * kUnroll);
+  for (int64_t s = nsteps - 1; s >= 0; --s) {  // last-read data first
+    const int64_t base = sp.h + s * step * kUnroll + static_cast<int64_t>(tid) * VEC;
+    A v[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * step;
+      if (i < sp.be) src.load_vec(i, v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * step;
+      if (i < sp.be) store_scaled<T, VEC>(out, i, v[u], f);
+    }
+  }
+  for (int64_t i = a + tid; i < sp.h; i += kChunkThreads) out[i] = static_cast<T>(src.load1(i) * f);
+}
+
+template <typename T, int VEC>
+void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, double scale,
+                   const at::Tensor& x, int device) {
+  using A = acc_t<T>;
+  const int64_t R = numel / G;
+  const int sms = sm_count(device);
+  const int64_t target = static_cast<int64_t>(sms) * blocks_per_sm(l2_sumsq_kernel<T, VEC>, kChunkThreads);
+  const int64_t min_chunk = static_cast<int64_t>(kChunkThreads) * VEC * kUnroll;
+  int64_t bpg = std::max<int64_t>(1, ceil_div(target, R));
+  bpg = std::min<int64_t>(bpg, std::max<int64_t>(1, ceil_div(G, min_chunk)));
+  const int64_t cs = round_up(ceil_div(G, bpg), 8);
+  bpg = ceil_div(G, cs);
+  const int64_t blocks = R * bpg;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.l2_normalize: tensor too large");
+  auto ws = at::empty({blocks}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  l2_sumsq_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(src, G, cs, bpg,
+                                                                                     ws.data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  l2_scale_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(
+      src, out, G, cs, bpg, ws.data_ptr<A>(), static_cast<A>(scale));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+void launch_rows(const L2Src<T, VEC>& src, T* out, int64_t R, int64_t G, double scale, bool row_mask, int device) {
+  using A = acc_t<T>;
+  const int64_t rows_per_block = TEAM == 32 ? THREADS / 32 : 1;
+  const int64_t blocks = ceil_div(R, rows_per_block);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.l2_normalize: too many groups");
+  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  l2_rows_kernel<T, VEC, TEAM, VPT, THREADS><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+      src, out, R, G, static_cast<A>(scale), row_mask);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void l2_dispatch(const at::Tensor& x, const at::Tensor& b, const at::Tensor& m, int64_t inner, at::Tensor& out,
+                 int64_t G, double scale) {
+  constexpr int VEC = vec16<T>();
+  const int device = x.get_device();
+  const int64_t numel = x.numel();
+  const int64_t R = numel / G;
+  const T* xp = x.data_ptr<T>();
+  const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+  const T* mp = m.defined() ? m.data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const bool aligned = is_aligned(xp, 16) && is_aligned(op, 16) && (bp == nullptr || is_aligned(bp, 16));
+  const MaskIndex mi(inner, numel);
+
+  if (aligned) {
+    L2Src<T, VEC> src{xp, bp, mp, mi, mp == nullptr ? 0 : (inner % VEC == 0 ? 1 : 2)};
+    const int64_t nvec = G / VEC;  // upper bound of the vectors in one group
+    const int sms = sm_count(device);
+    const bool many_rows = R >= sms || numel <= (int64_t(1) << 18);
+    if (many_rows && nvec <= 512 * 8) {
+      // Mask constant over each group: read it once per group, and skip masked groups entirely.
+      const bool row_mask = mp != nullptr && inner % G == 0;
+      L2Src<T, VEC> rsrc = src;
+      if (row_mask) rsrc.mmode = 0;
+      if (nvec <= 32 * 1) return launch_rows<T, VEC, 32, 1, 256>(rsrc, op, R, G, scale, row_mask, device);
+      if (nvec <= 32 * 2) return launch_rows<T, VEC, 32, 2, 256>(rsrc, op, R, G, scale, row_mask, device);
+      if (nvec <= 32 * 4) return launch_rows<T, VEC, 32, 4, 256>(rsrc, op, R, G, scale, row_mask, device);
+      if (nvec <= 32 * 8) return launch_rows<T, VEC, 32, 8, 256>(rsrc, op, R, G, scale, row_mask, device);
+      if (nvec <= 512 * 4) return launch_rows<T, VEC, 512, 4, 512>(rsrc, op, R, G, scale, row_mask, device);
+      return launch_rows<T, VEC, 512, 8, 512>(rsrc, op, R, G, scale, row_mask, device);
+    }
+    return launch_chunks<T, VEC>(src, op, numel, G, scale, x, device);
+  }
+  L2Src<T, 1> src{xp, bp, mp, mi, mp == nullptr ? 0 : 1};
+  launch_chunks<T, 1>(src, op, numel, G, scale, x, device);
+}
+
+at::Tensor l2_normalize_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& baseline,
+                             const std::optional<at::Tensor>& mask, double scale, c10::string_view norm_sv) {
+  check_floating(x_in, "x");
+  TORCH_CHECK(x_in.is_cuda(), "fastvat.l2_normalize: x must be a CUDA tensor");
+  const std::string norm(norm_sv.data(), norm_sv.size());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t G = norm_group_length(x, norm);
+  at::Tensor b;
+  if (baseline.has_value() && baseline->defined()) {
+    check_floating(*baseline, "baseline");
+    check_same(*baseline, "baseline", x, "x");
+    b = baseline->to(x.scalar_type()).contiguous();
+  }
+  const int64_t inner = mask_inner(x, mask);
+  at::Tensor m;
+  if (mask.has_value() && mask->defined() && mask->numel() > 0) m = mask->contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0 || G == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
+                                  "fastvat_l2_normalize_cuda",
+                                  [&] { l2_dispatch<scalar_t>(x, b, m, inner, out, G, scale); });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastvat
+
+TORCH_LIBRARY_IMPL(fastvat, CUDA, m) { m.impl("l2_normalize", &fastvat::cuda::l2_normalize_cuda); }

@@ -1,0 +1,204 @@
+// perturb_ on CUDA: new = scale * direction / ||direction|| (one global norm),
+// weight += new - previous (previous = delta on entry when has_previous), delta = new.
+//
+// Kernel 1: one fp32 (fp64 for double) partial sum of squares of direction per block.
+// Kernel 2: every block reduces all partials itself in a fixed order (deterministic, no host
+// sync), then updates its chunk of weight and delta; blocks and the tiles inside a block go in
+// the reverse order of kernel 1 so the direction data read last is still in L2.
+//
+// Rounding follows fastvat.reference.perturb_: new is rounded to direction's dtype, then
+//   with previous: weight = W(acc(weight) + acc(W(acc(new) - acc(previous))))   acc = opmath(W)
+//   without:       weight = W(C(weight) + C(new))   C = double if either dtype is double, else float
+//   delta = W(new)
+#include "common.h"
+#include "cuda/cuda_utils.cuh"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace fastvat {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr int64_t kChunkAlign = 8;  // chunk sizes are multiples of every VEC used here
+
+template <typename D, int VEC>
+__global__ void __launch_bounds__(kThreads) perturb_sumsq_kernel(const D* __restrict__ d, int64_t n, int64_t cs,
+                                                                  acc_t<D>* __restrict__ ws) {
+  using A = acc_t<D>;
+  __shared__ A smem[32];
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * cs;
+  const int64_t e = imin(a + cs, n);
+  const int64_t be = a + ((e - a) / VEC) * VEC;  // a is a multiple of VEC
+  const int tid = threadIdx.x;
+  A ss[1] = {A(0)};
+  constexpr int64_t step = static_cast<int64_t>(kThreads) * VEC;
+  for (int64_t base = a + static_cast<int64_t>(tid) * VEC; base < be; base += step * kUnroll) {
+    Pack<D, VEC> p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * step;
+      if (i < be) {
+        p[u] = load_pack<D, VEC>(d + i);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) p[u].val[k] = static_cast<D>(0.0f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A v = static_cast<A>(p[u].val[k]);
+        ss[0] += v * v;
+      }
+  }
+  for (int64_t i = be + tid; i < e; i += kThreads) {
+    const A v = static_cast<A>(d[i]);
+    ss[0] += v * v;
+  }
+  block_sum<A, 1>(ss, smem);
+  if (tid == 0) ws[blockIdx.x] = ss[0];
+}
+
+template <typename W, typename D>
+struct Update {
+  using AD = acc_t<D>;
+  using AW = acc_t<W>;
+  using C = typename std::conditional<std::is_same<W, double>::value || std::is_same<D, double>::value, double,
+                                      float>::type;
+  // One element: reads weight (and delta when has_prev), writes both.
+  __device__ __forceinline__ static void apply(W& w, W& delta, D dir, AD f, bool has_prev) {
+    const D nd = static_cast<D>(static_cast<AD>(dir) * f);
+    if (has_prev) {
+      const W t = static_cast<W>(static_cast<AW>(static_cast<AD>(nd)) - static_cast<AW>(delta));
+      w = static_cast<W>(static_cast<AW>(w) + static_cast<AW>(t));
+    } else {
+      w = static_cast<W>(static_cast<C>(w) + static_cast<C>(static_cast<AD>(nd)));
+    }
+    delta = static_cast<W>(static_cast<AD>(nd));
+  }
+};
+
+template <typename W, typename D, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    perturb_update_kernel(W* w, const D* d, W* delta, int64_t n, int64_t cs,
+                          const acc_t<D>* __restrict__ ws, int64_t nparts, acc_t<D> scale, bool has_prev) {
+  using AD = acc_t<D>;
+  __shared__ AD smem[32];
+  const AD f = norm_factor(block_sum_array(ws, nparts, smem), scale);
+  const int64_t blk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t a = blk * cs;
+  const int64_t e = imin(a + cs, n);
+  const int64_t be = a + ((e - a) / VEC) * VEC;
+  const int tid = threadIdx.x;
+  for (int64_t i = be + tid; i < e; i += kThreads) {
+    W wv = w[i];
+    W dv = has_prev ? delta[i] : static_cast<W>(0.0f);
+    Update<W, D>::apply(wv, dv, d[i], f, has_prev);
+    w[i] = wv;
+    delta[i] = dv;
+  }
+  constexpr int64_t step = static_cast<int64_t>(kThreads) * VEC;
+  const int64_t nsteps = (be - a + step * kUnroll - 1) / (step * kUnroll);
+  for (int64_t s = nsteps - 1; s >= 0; --s) {
+    const int64_t base = a + s * step * kUnroll + static_cast<int64_t>(tid) * VEC;
+    Pack<D, VEC> pd[kUnroll];
+    Pack<W, VEC> pw[kUnroll];
+    Pack<W, VEC> pp[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * step;
+      if (i < be) {
+        pd[u] = load_pack<D, VEC>(d + i);
+        pw[u] = load_pack<W, VEC>(w + i);
+        if (has_prev) pp[u] = load_pack<W, VEC>(delta + i);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * step;
+      if (i < be) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          W dv = has_prev ? pp[u].val[k] : static_cast<W>(0.0f);
+          Update<W, D>::apply(pw[u].val[k], dv, pd[u].val[k], f, has_prev);
+          pp[u].val[k] = dv;
+        }
+        store_pack<W, VEC>(w + i, pw[u]);
+        store_pack<W, VEC>(delta + i, pp[u]);
+      }
+    }
+  }
+}
+
+template <typename W, typename D, int VEC>
+void launch_perturb(W* w, const D* d, W* delta, int64_t n, double scale, bool has_prev, const at::Tensor& dir,
+                    int device) {
+  using AD = acc_t<D>;
+  const int sms = sm_count(device);
+  const int64_t target = static_cast<int64_t>(sms) * blocks_per_sm(perturb_sumsq_kernel<D, VEC>, kThreads);
+  int64_t nb = std::min<int64_t>(target, std::max<int64_t>(1, ceil_div(n, static_cast<int64_t>(kThreads) * 8)));
+  const int64_t cs = round_up(ceil_div(n, nb), kChunkAlign);
+  nb = ceil_div(n, cs);
+  auto ws = at::empty({nb}, dir.options().dtype(at::toOpMathType(dir.scalar_type())));
+  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  perturb_sumsq_kernel<D, VEC><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(d, n, cs, ws.data_ptr<AD>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  perturb_update_kernel<W, D, VEC><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(
+      w, d, delta, n, cs, ws.data_ptr<AD>(), nb, static_cast<AD>(scale), has_prev);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename W, typename D>
+void perturb_dispatch(at::Tensor& weight, const at::Tensor& dir, at::Tensor& delta, double scale, bool has_prev) {
+  constexpr int VW = vec16<W>();
+  constexpr int VD = vec16<D>();
+  constexpr int VEC = VW < VD ? VW : VD;
+  W* w = weight.data_ptr<W>();
+  W* dl = delta.data_ptr<W>();
+  const D* d = dir.data_ptr<D>();
+  const int64_t n = weight.numel();
+  const int device = weight.get_device();
+  const bool aligned = is_aligned(w, VEC * sizeof(W)) && is_aligned(dl, VEC * sizeof(W)) &&
+                       is_aligned(d, VEC * sizeof(D));
+  if (aligned) {
+    launch_perturb<W, D, VEC>(w, d, dl, n, scale, has_prev, dir, device);
+  } else {
+    launch_perturb<W, D, 1>(w, d, dl, n, scale, has_prev, dir, device);
+  }
+}
+
+void perturb_cuda(at::Tensor& weight, const at::Tensor& direction_in, at::Tensor& delta, double scale,
+                  bool has_previous) {
+  check_floating(weight, "weight");
+  check_floating(direction_in, "direction");
+  check_floating(delta, "delta");
+  TORCH_CHECK(weight.is_cuda(), "fastvat.perturb_: weight must be a CUDA tensor");
+  check_same(direction_in, "direction", weight, "weight");
+  check_same(delta, "delta", weight, "weight");
+  TORCH_CHECK(delta.scalar_type() == weight.scalar_type(), "fastvat.perturb_: delta must have weight's dtype ",
+              weight.scalar_type(), ", got ", delta.scalar_type());
+  TORCH_CHECK(weight.is_contiguous() && delta.is_contiguous(),
+              "fastvat.perturb_: weight and delta must be contiguous (the Python wrapper handles views)");
+  c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor dir = direction_in.contiguous();
+  if (weight.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, weight.scalar_type(), "fastvat_perturb_cuda_w", [&] {
+        using W = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, dir.scalar_type(),
+                                        "fastvat_perturb_cuda_d",
+                                        [&] { perturb_dispatch<W, scalar_t>(weight, dir, delta, scale, has_previous); });
+      });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastvat
+
+TORCH_LIBRARY_IMPL(fastvat, CUDA, m) { m.impl("perturb_", &fastvat::cuda::perturb_cuda); }

