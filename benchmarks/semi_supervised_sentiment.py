@@ -36,13 +36,19 @@ Here
 
 Presets (every value can be overridden on the command line)
 -----------------------------------------------------------
-``--quick`` (default; CPU, 2 threads, 3 methods x 3 seeds in <= ~20 min on this 2-core machine):
-    MiniLM cut to 2 layers, max_len 32, 150 steps, batch 16 labelled + 16 unlabelled, AdamW lr 1e-4,
-    wd 0.01, eval every 15 steps on 500 validation tweets, 2,000 test tweets.
-    Measured here (2 shared CPU threads): ~0.16 s/step sup, ~0.5 s/step VAT -> ~19 min total.
+``--quick`` (default; CPU, 2 threads): MiniLM cut to 2 layers, max_len 32, 150 steps, batch 16 labelled
+    + 16 unlabelled, AdamW lr 1e-4 (not tuned), wd 0.01, eval every 15 steps on 500 validation tweets,
+    2,000 test tweets; methods sup, vat_weight, vat_output (eps=5, xi=0.1). Meant to fit ~20 min for
+    3 methods x 3 seeds on 2 idle cores (estimate from DESIGN's 0.54 s / 1.4 s per step at 3 layers x 48
+    tokens x batch 32, scaled to 2 layers x 32 tokens x batch 16). NOT measured idle: on the shared,
+    heavily loaded 2-core dev machine a step took ~3 s (sup) and the run was cut to --steps 80.
 ``--full`` (GPU): the full 6-layer model, max_len 64, 600 steps, batch 32 labelled + 64 unlabelled,
-    AdamW lr 5e-5, eval every 25 steps on 1,000 validation tweets, 4,000 test tweets.
-    Estimated on an H200 (fp32/TF32): ~15 ms/step sup, ~50 ms/step VAT -> ~3.5 min for 3 methods x 3 seeds.
+    AdamW wd 0.01, eval every 25 steps on 1,000 validation tweets, 4,000 test tweets;
+    methods ``sup`` (lr 5e-5), ``vat_weight[lr=2e-5]`` (eps=1, xi=10), ``vat_output`` (lr 5e-5, eps=5,
+    xi=0.1): per method, the lr (of 5e-5, 2e-5) and for vat_output the eps (of 1, 5) with the best mean
+    validation accuracy over 3 seeds in two H200 runs (benchmarks/results/sentiment_full_h200/).
+    Measured on an H200 (fp32 + TF32, pure-PyTorch fastvat path): 15 ms/step sup, ~50 ms/step VAT;
+    3 methods x 3 seeds in 3.7 min wall (4 methods: 6.0 min).
 ``--smoke``: 1 layer, 2 steps, tiny subsets (the test suite's end-to-end check, seconds).
 
 Usage
@@ -78,7 +84,8 @@ PRESETS = {
     "quick": dict(layers=2, max_len=32, steps=150, batch_labelled=16, batch_unlabelled=16, lr=1e-4,
                   eval_every=15, n_val=500, n_test=2000, threads=2),
     "full": dict(layers=6, max_len=64, steps=600, batch_labelled=32, batch_unlabelled=64, lr=5e-5,
-                 eval_every=25, n_val=1000, n_test=4000, threads=None),
+                 eval_every=25, n_val=1000, n_test=4000, threads=None,
+                 methods="sup,vat_weight[lr=2e-5],vat_output"),
     "smoke": dict(layers=1, max_len=16, steps=2, batch_labelled=4, batch_unlabelled=4, lr=1e-4,
                   eval_every=1, n_val=16, n_test=24, n_labelled=8, max_unlabelled=64, threads=None),
 }
@@ -176,7 +183,7 @@ def parse_methods(spec):
         if opts and opts != "[]":
             for kv in opts[1:-1].split(","):
                 k, v = kv.split("=")
-                if k not in ("eps", "xi", "iters", "norm"):
+                if k not in (("lr",) if fam == "sup" else ("eps", "xi", "iters", "norm", "lr")):
                     raise ValueError(f"unknown option {k!r} in {m.group(0)!r}")
                 over[k] = v if k == "norm" else (int(v) if k == "iters" else float(v))
         name = fam + (opts if opts and opts != "[]" else "")
@@ -188,7 +195,7 @@ def parse_methods(spec):
 
 def vat_settings(fam, over):
     import fastvat.vat as fv
-    s = dict(FAMILY_DEFAULTS[fam], **over)
+    s = dict(FAMILY_DEFAULTS[fam], **{k: v for k, v in over.items() if k != "lr"})
     d = fv.DEFAULTS[s["target"]]
     s["eps"] = d["eps"] if s["eps"] is None else s["eps"]
     s["xi"] = d["xi"] if s["xi"] is None else s["xi"]
@@ -242,7 +249,8 @@ def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progre
         model.classifier.weight.copy_(w.to(device))
         model.classifier.bias.zero_()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    lr = over.get("lr", cfg["lr"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
     vat, vs = None, None
     if fam != "sup":
         vs = vat_settings(fam, over)
@@ -309,7 +317,7 @@ def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progre
     test_sel = evaluate(model, enc, test, cfg, torch, device)
     warm = step_times[min(2, len(step_times) - 1):] or step_times
     return dict(
-        seed=seed, method=name, family=fam, vat=vs, curve=curve, best_val=best[0], best_step=best[1],
+        seed=seed, method=name, family=fam, vat=vs, lr=lr, curve=curve, best_val=best[0], best_step=best[1],
         test_acc=test_sel, test_acc_last_step=test_last,
         s_per_step=sum(warm) / len(warm), s_per_step_median=statistics.median(warm),
         final_losses=losses[-1] if losses else None,
@@ -353,8 +361,6 @@ def summarize(runs, methods):
     picks = {}
     for name, ent in summary.items():
         f = ent["family"]
-        if f == "sup":
-            continue
         if f not in picks or ent["val_mean"] > summary[picks[f]]["val_mean"]:
             picks[f] = name
     return summary, picks
@@ -374,8 +380,8 @@ def write_markdown(path, res):
     lines.append("Test accuracy at the step with the best validation accuracy; mean ± std over seeds "
                  f"{cfg['seeds']}; paired difference = method − sup on the same seed.")
     lines.append("")
-    lines.append("| method | eps | xi | val acc % | test acc % | test − sup (pp) | per seed (pp) | test at last step % | s/step |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| method | lr | eps | xi | val acc % | test acc % | test − sup (pp) | per seed (pp) | test at last step % | s/step |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, ent in s.items():
         r = next(x for x in res["runs"] if x["method"] == name)
         eps = "" if r["vat"] is None else f"{r['vat']['eps']:g}"
@@ -384,9 +390,9 @@ def write_markdown(path, res):
         if "diff_mean" in ent:
             diff = f"{100 * ent['diff_mean']:+.2f} ± {100 * ent['diff_std']:.2f}"
             per = ", ".join(f"{100 * v:+.2f}" for _, v in sorted(ent["paired_diff"].items()))
-        mark = " (val pick)" if picks.get(ent["family"]) == name and sum(
-            1 for e in s.values() if e["family"] == ent["family"]) > 1 else ""
-        lines.append(f"| {name}{mark} | {eps} | {xi} | {pct(ent['val_mean'])} ± {pct(ent['val_std'])} | "
+        several = sum(1 for e in s.values() if e["family"] == ent["family"]) > 1
+        mark = " (val pick)" if picks.get(ent["family"]) == name and several else ""
+        lines.append(f"| {name}{mark} | {r['lr']:g} | {eps} | {xi} | {pct(ent['val_mean'])} ± {pct(ent['val_std'])} | "
                      f"{pct(ent['test_mean'])} ± {pct(ent['test_std'])} | {diff} | {per} | "
                      f"{pct(ent['test_last_mean'])} | {ent['s_per_step']:.3f} |")
     lines.append("")

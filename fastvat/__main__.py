@@ -92,7 +92,10 @@ def main(argv=None):
     try:
         if argv and argv[0] == "experiment":
             return _experiment(argv[1:])
-        args = _parser().parse_args(argv)
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # --help / --version: argparse printed and asked to exit
+            return 0 if exc.code is None else int(exc.code)
         if args.command is None:
             raise UsageError(f"a command is required: bench, demo, experiment or info (see '{PROG} --help')")
         if args.command == "bench":

@@ -110,8 +110,8 @@ def _dual(unit, box):
     box["z0"] = z0
     with warnings.catch_warnings():
         # The first make_dual of a process loads PyTorch's jvp decompositions, which call the
-        # deprecated torch.jit.script (a one-time FutureWarning that is not the user's concern).
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        # deprecated torch.jit.script (a one-time deprecation warning that is not the user's concern).
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
         return fwAD.make_dual(z0, (unit * scale).to(unit.dtype))
 
 

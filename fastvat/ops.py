@@ -208,21 +208,30 @@ def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
 def _kl_setup(ctx, inputs, output):
     p, q, mask, compute_grad = inputs
     _, grad = output
-    ctx.save_for_backward(p, q, mask, grad)
+    ctx.save_for_backward(p, q, mask)
+    # The gradient output is a buffer for backward, not a differentiable result. It is kept on ctx
+    # (not saved) so that backward can scale it in place: the [N, C] gradient is then allocated once.
+    # Being non-differentiable it has no grad_fn, so ctx -> grad makes no reference cycle.
+    ctx.mark_non_differentiable(grad)
+    ctx.grad = grad
 
 
 def _kl_backward(ctx, grad_rows, _grad_of_grad):
-    p, q, mask, grad = ctx.saved_tensors
+    p, q, mask = ctx.saved_tensors
+    grad, ctx.grad = ctx.grad, None  # used once; a second backward (retain_graph) recomputes
     if grad_rows is None:
         return None, None, None, None
-    if torch.is_grad_enabled() or grad.numel() != q.numel():
-        # Double backward (create_graph=True), or no saved gradient: recompute differentiably.
+    if not torch.is_grad_enabled() and (grad is None or grad.numel() != q.numel()):
+        # A second backward (retain_graph), or no gradient from the forward: the kernel again.
+        _, grad = torch.ops.fastvat.kl_div_with_logits(p, q.detach(), mask, True)
+    if torch.is_grad_enabled():
+        # Double backward (create_graph=True): recompute differentiably.
         dt = ref.acc_dtype(q.dtype)
         g = torch.softmax(q.to(dt), -1) - torch.softmax(p.detach().to(dt), -1)
         if mask is not None:
             g = g * mask.to(dt).unsqueeze(-1)
         return None, (g * grad_rows.to(dt).unsqueeze(-1)).to(q.dtype), None, None
-    return None, grad * grad_rows.unsqueeze(-1).to(grad.dtype), None, None
+    return None, grad.mul_(grad_rows.unsqueeze(-1).to(grad.dtype)), None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +259,9 @@ def embedding_gather_add(weight, ids, delta, delta_index, *, padding_idx=None):
     _checks.same_shape("delta_index", delta_index, "ids", ids)
     if delta.dtype != weight.dtype:
         raise TypeError(f"delta must have weight's dtype {weight.dtype}, got {delta.dtype}")
-    if weight.device.type == "cpu":  # on a GPU, checking would cost a host sync: the kernel asserts
+    # Index ranges: checked on the CPU in eager mode. On a GPU a check would cost a host sync (the
+    # kernel asserts instead), and under torch.compile it would be a data-dependent graph break.
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
         _checks.index_range("ids", ids, weight.shape[0], "the rows of weight")
         _checks.index_range("delta_index", delta_index, delta.shape[0], "the rows of delta")
     if padding_idx is None:

@@ -26,6 +26,11 @@ DEFAULTS = {
 NONFINITE = ("raise", "zero", "ignore")
 
 
+def _bad_logits(z):
+    """A 0-dim bool tensor: z holds NaN or +Inf. (-Inf is a masked class, probability 0: allowed.)"""
+    return (torch.isnan(z) | torch.isposinf(z)).any()
+
+
 class VAT(Regularizer):
     """Virtual adversarial loss for ``model`` (Miyato et al.; the article's semantics by default).
 
@@ -41,6 +46,9 @@ class VAT(Regularizer):
     ``nonfinite``: ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf appeared
     (clean logits, power iteration, adversarial pass); ``"zero"`` a zero perturbation (or a zero
     loss) for that call, with a warning; ``"ignore"`` skips the check (no host sync).
+    ``hvp``: the power step. ``"auto"`` (default): the finite difference in float32/float64, the exact
+    xi -> 0 step (one jvp + one vjp, fastvat._hvp) in fp16/bf16, where x + xi*d rounds back to x;
+    ``"exact"`` or ``"finite_difference"`` force one (docs/integrations.md, "Mixed precision").
     """
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
@@ -132,7 +140,7 @@ class VAT(Regularizer):
         """nonfinite="zero": a power-iteration direction holding NaN/Inf becomes a zero perturbation."""
         if self.nonfinite != "zero" or d is None or bool(torch.isfinite(d).all()):
             return d
-        if bool(torch.isfinite(p).all()):  # else the loss check reports the clean logits
+        if not bool(_bad_logits(p)):  # else the loss check reports the clean logits
             warnings.warn(
                 "VAT: non-finite value (NaN or Inf) in the power iteration (the model's logits or their gradient "
                 "at x + xi*d); using a zero perturbation for this call (nonfinite='zero')",
@@ -142,7 +150,7 @@ class VAT(Regularizer):
 
     @staticmethod
     def _where_nonfinite(p, d, given):
-        if not bool(torch.isfinite(p).all()):
+        if bool(_bad_logits(p)):
             return ("the logits passed as logits=" if given
                     else "the clean logits (the model's output at the unperturbed input)")
         if d is not None and not bool(torch.isfinite(d).all()):
@@ -150,13 +158,14 @@ class VAT(Regularizer):
         return "the adversarial pass (the model's logits at x + r_adv)"
 
     def _finite_loss(self, loss, p, d, given):
-        """One host check of the loss; on NaN/Inf find where it came from, then raise or zero it."""
-        if self.nonfinite == "ignore" or bool(torch.isfinite(loss)):
+        """One host check (of the loss and the clean logits, which a KL that takes 0·log 0 = 0 may not
+        pass on to the loss); on NaN/Inf find where it came from, then raise or zero it."""
+        if self.nonfinite == "ignore" or bool(torch.isfinite(loss) & ~_bad_logits(p)):
             return loss
         where = self._where_nonfinite(p, d, given)
         if self.nonfinite == "raise":
             raise FloatingPointError(
-                f"VAT: non-finite value (NaN or Inf) in {where}, so the loss would be {float(loss.detach())}; "
+                f"VAT: non-finite value (NaN or Inf) in {where} (the loss is {float(loss.detach())}); "
                 "pass nonfinite='zero' to skip such calls with a warning"
             )
         warnings.warn(f"VAT: non-finite value (NaN or Inf) in {where}; returning a zero loss for this call "

@@ -14,6 +14,7 @@ from torch import nn
 
 import fastvat
 from fastvat import ops
+from fastvat.inplace import ExactPerturbation
 
 from _state import assert_unchanged, one_thread, snapshot  # noqa: F401 (autouse fixture)
 
@@ -215,6 +216,24 @@ CASES = {
                                                     w=nn.Parameter(torch.randn(5, 3)), d=torch.randn(5, 3)),
     "kl_div/unknown reduction": lambda: _op(lambda p, q: ops.kl_div_with_logits(p, q, reduction="avg"), ValueError,
                                             r"^reduction must be one of", p=torch.randn(4, 3), q=torch.randn(4, 3)),
+    # --- fastvat.inplace.ExactPerturbation ---
+    "ExactPerturbation/int weight": lambda: _op(lambda w: ExactPerturbation(w), TypeError, r"^weight must be a floating",
+                                                w=torch.ones(5, 3, dtype=torch.int64)),
+    "ExactPerturbation.apply/direction shape": lambda: _op(
+        lambda w, d: ExactPerturbation(w).apply(d, scale=1.0), ValueError, r"^direction has shape \(3, 5\)",
+        w=torch.randn(5, 3), d=torch.randn(3, 5)),
+    "ExactPerturbation.apply/bool direction": lambda: _op(
+        lambda w, d: ExactPerturbation(w).apply(d, scale=1.0), TypeError, r"^direction must be a floating",
+        w=torch.randn(5, 3), d=torch.ones(5, 3, dtype=torch.bool)),
+    "ExactPerturbation.apply/direction on another device": lambda: _op(
+        lambda w, d: ExactPerturbation(w).apply(d, scale=1.0), ValueError, r"^direction is on meta",
+        w=torch.randn(5, 3), d=torch.randn(5, 3, device="meta")),
+    "ExactPerturbation.apply/scale nan": lambda: _op(
+        lambda w, d: ExactPerturbation(w).apply(d, scale=math.nan), ValueError, r"^scale must be finite",
+        w=torch.randn(5, 3), d=torch.randn(5, 3)),
+    "ExactPerturbation.restore/nothing applied": lambda: _op(
+        lambda w: ExactPerturbation(w).restore(), RuntimeError, r"restore\(\) called with no perturbation applied",
+        w=torch.randn(5, 3)),
 }
 
 
@@ -400,7 +419,7 @@ def test_matrix_is_large_enough():
     # every user-facing class and every op appears
     names = " ".join(CASES)
     for what in ("VAT/", "VAT(", "VATLoss/", "RandomNoise/", "GradientPenalty/", "FGM/", "PGD/",
-                 "l2_normalize/", "perturb_/", "restore_/", "kl_div/", "gather_add/"):
+                 "l2_normalize/", "perturb_/", "restore_/", "kl_div/", "gather_add/", "ExactPerturbation"):
         assert what in names, what
 
 

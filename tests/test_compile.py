@@ -33,10 +33,8 @@ class _Recorder:
         self.graphs = []
 
     def __call__(self, gm, example_inputs):
-        from torch._dynamo.backends.common import aot_autograd
-
         self.graphs.append(gm)
-        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     def has_op(self, name):
         """Whether torch.ops.fastvat.<name> is a node of a recorded graph (traced as one op, not decomposed)."""
@@ -180,7 +178,35 @@ def test_vat_on_compiled_text_model_matches_eager(target):
         return fastvat.VAT(m, embedding=model.emb, target=target, xi=1e-1, iters=1,
                            generator=torch.Generator().manual_seed(3))
 
-    _compare(model, make_vat, (ids,), {"attention_mask": am}, y, "aot_eager")
+    if target == "output":
+        # The output target adds r with a forward hook on the embedding. Dynamo does not guard on the
+        # hooks of submodules by default, so a hook added after the first compiled call is ignored
+        # (fastvat then raises: the embedding was not reached); guarding on them fixes it.
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            _compare(model, make_vat, (ids,), {"attention_mask": am}, y, "aot_eager")
+    else:
+        _compare(model, make_vat, (ids,), {"attention_mask": am}, y, "aot_eager")
+
+
+def test_output_target_on_compiled_model_is_never_silently_unperturbed():
+    """With dynamo's default config (no guards on submodule hooks): either the eager result or a clear
+    error, never a loss computed without the perturbation."""
+    model = TinyText()
+    ids = torch.tensor([[1, 4, 9, 0], [2, 2, 7, 5]])
+    am = (ids != 0).long()
+
+    def run(m):
+        return fastvat.VAT(m, embedding=model.emb, generator=torch.Generator().manual_seed(3))(ids, attention_mask=am)
+
+    want = run(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(ids, attention_mask=am)  # compiled once, before the hook exists
+    try:
+        got = run(compiled)
+    except ValueError as exc:
+        assert "never called the embedding" in str(exc)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_vat_on_inductor_compiled_model_matches_eager():

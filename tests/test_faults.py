@@ -230,7 +230,7 @@ def test_nonfinite_zero_returns_a_zero_loss_when_logits_are_bad(bad_from):
 def test_nonfinite_ignore_does_not_check():
     model = _model(False)
     x = _inputs(False)
-    model.bad_from = 1
+    model.bad_from = 3  # NaN logits in the adversarial pass (clean, power step, adversarial)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss = fastvat.VAT(model, nonfinite="ignore")(x)
@@ -303,3 +303,25 @@ def test_zero_gradient_gives_zero_perturbation(cls, target):
         assert torch.isfinite(reg(x, y=Y[: x.shape[0]]))
     if target != "weight":
         assert float(fastvat.GradientPenalty(model, **TARGETS[target])(x).detach()) == 0.0
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "zero"])
+def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite):
+    """-inf logits mean probability 0 (a masked class); NaN and +inf are errors."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 4)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return z.masked_fill(torch.tensor([False, False, False, True]), float("-inf"))
+
+    torch.manual_seed(0)
+    model = Masked()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = fastvat.VAT(model, nonfinite=nonfinite)(torch.randn(8, 5))
+    assert torch.isfinite(loss) and loss > 0
+

@@ -372,7 +372,7 @@ def test_cuda_small_xi_half_weights(dtype):
     xc = x.cuda().to(dtype)
     gen = lambda: torch.Generator(device="cuda").manual_seed(1)  # noqa: E731
     d0 = fastvat.VAT(mc, eps=1.0, iters=0, generator=gen()).perturbation(xc).double().cpu()
-    m64 = copy.deepcopy(model).double()
+    m64 = copy.deepcopy(mc).double().cpu()  # the rounded half weights, in float64
     x64 = xc.double().cpu()
     p = m64(x64).detach()
     hd = _hvp(lambda r: _kl_sum(p, m64(x64 + r.view_as(x64))), d0.flatten())

@@ -9,8 +9,8 @@
 // p ≈ q, so the loss keeps its relative accuracy even for tiny KL (the VAT regime). Without
 // pass 2, loss = S/Zp - c.
 //
-// Rows up to 4096 16-byte vectors (fp32 C <= 16384, bf16 C <= 32768) stay in registers between
-// the passes; longer rows are read again in pass 2, backwards, by one 1024-thread block per
+// Rows up to 4096 16-byte vectors (fp32 C <= 16384, bf16 C <= 32768) stay on chip between the
+// passes (p in registers, q in shared memory); longer rows are read again in pass 2, backwards, by one 1024-thread block per
 // multiprocessor so that most of the row is still in L2. Masked rows (mask == 0) are not read.
 #include "common.h"
 #include "cuda/cuda_utils.cuh"
@@ -187,13 +187,17 @@ __global__ void __launch_bounds__(THREADS)
   }
 
   if constexpr (VPT > 0) {
-    Pack<T, VEC> cp[VPT], cq[VPT];
+    // p's vectors stay in registers, q's in this thread's own slots of dynamic shared memory
+    // (both in registers would spill); no barrier needed, each thread reads back what it wrote.
+    extern __shared__ __align__(16) unsigned char kl_dyn_smem[];
+    Pack<T, VEC>* cq = reinterpret_cast<Pack<T, VEC>*>(kl_dyn_smem) + threadIdx.x;
+    Pack<T, VEC> cp[VPT];
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
       const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
       if (k < nb) {
         cp[s] = load_pack<T, VEC>(P + sp.h + k * VEC);
-        cq[s] = load_pack<T, VEC>(Q + sp.h + k * VEC);
+        cq[s * THREADS] = load_pack<T, VEC>(Q + sp.h + k * VEC);
       }
     }
 #pragma unroll
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(THREADS)
       if (k < nb) {
         A pv[VEC], qv[VEC];
         to_acc<T, VEC>(cp[s], pv);
-        to_acc<T, VEC>(cq[s], qv);
+        to_acc<T, VEC>(cq[s * THREADS], qv);
         st.add<VEC>(pv, qv);
       }
     }
@@ -216,7 +220,7 @@ __global__ void __launch_bounds__(THREADS)
       if (k < nb) {
         A pv[VEC], qv[VEC];
         to_acc<T, VEC>(cp[s], pv);
-        to_acc<T, VEC>(cq[s], qv);
+        to_acc<T, VEC>(cq[s * THREADS], qv);
         Pack<T, VEC> g;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
@@ -303,8 +307,13 @@ void launch_kl(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, 
   const int64_t blocks = ceil_div(N, rows_per_block);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.kl_div_with_logits: too many rows");
   auto stream = c10::cuda::getCurrentCUDAStream(device);
+  const int smem = VPT * THREADS * static_cast<int>(sizeof(Pack<T, VEC>));
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
   kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>
-      <<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(p, q, g, m, rows, N, C);
+      <<<static_cast<unsigned>(blocks), THREADS, smem, stream>>>(p, q, g, m, rows, N, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -246,7 +246,8 @@ void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, d
   using A = acc_t<T>;
   const int64_t R = numel / G;
   const int sms = sm_count(device);
-  const int64_t target = static_cast<int64_t>(sms) * blocks_per_sm(l2_sumsq_kernel<T, VEC>, kChunkThreads);
+  static const int occupancy = blocks_per_sm(l2_sumsq_kernel<T, VEC>, kChunkThreads);  // same GPU model assumed
+  const int64_t target = static_cast<int64_t>(sms) * occupancy;
   const int64_t min_chunk = static_cast<int64_t>(kChunkThreads) * VEC * kUnroll;
   int64_t bpg = std::max<int64_t>(1, ceil_div(target, R));
   bpg = std::min<int64_t>(bpg, std::max<int64_t>(1, ceil_div(G, min_chunk)));
@@ -300,8 +301,6 @@ void l2_dispatch(const at::Tensor& x, const at::Tensor& b, const at::Tensor& m, 
       const bool row_mask = mp != nullptr && inner % G == 0;
       L2Src<T, VEC> rsrc = src;
       if (row_mask) rsrc.mmode = 0;
-      if (nvec <= 32 * 1) return launch_rows<T, VEC, 32, 1, 256>(rsrc, op, R, G, scale, row_mask, device);
-      if (nvec <= 32 * 2) return launch_rows<T, VEC, 32, 2, 256>(rsrc, op, R, G, scale, row_mask, device);
       if (nvec <= 32 * 4) return launch_rows<T, VEC, 32, 4, 256>(rsrc, op, R, G, scale, row_mask, device);
       if (nvec <= 32 * 8) return launch_rows<T, VEC, 32, 8, 256>(rsrc, op, R, G, scale, row_mask, device);
       if (nvec <= 512 * 4) return launch_rows<T, VEC, 512, 4, 512>(rsrc, op, R, G, scale, row_mask, device);

@@ -11,7 +11,6 @@ Modes (sizes and repeats):
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -28,7 +27,11 @@ def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=N
     quick = quick or mode == "quick"
     if compile is None:
         compile = mode in ("default", "full")
-    dtypes = ("float32", "bfloat16")
+    dtypes = ("float32", "bfloat16") if mode != "smoke" else ("float32",)
+    threads = torch.get_num_threads()
+    if mode == "smoke":
+        torch.set_num_threads(1)  # tiny shapes: a second thread only adds synchronisation
+    used_threads = torch.get_num_threads()
     suites = set(only or ("ops", "step"))
 
     bar = None
@@ -69,17 +72,19 @@ def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=N
             rows += srows
             checks += schecks
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.update(bar.total - bar.n)
             bar.close()
     elapsed = time.perf_counter() - start
     rows += checks
     machine = timing.machine_info(device)
+    machine["torch_threads"] = used_threads
     machine["elapsed_s"] = round(elapsed, 1)
     config = {"device": str(device), "mode": mode, "quick": quick, "compile": compile, "suites": sorted(suites)}
     print(timing.machine_line(machine), file=stream)
     print(timing.format_table(rows), file=stream)
     paths = timing.write_outputs(out, f"bench_{torch.device(device).type}", rows, machine, config,
                                  title=f"fastvat vs baselines ({mode} mode, {torch.device(device).type})")
-    print(f"wrote {', '.join(os.path.relpath(p) for p in paths.values())}  ({elapsed:.0f} s)", file=stream)
+    print(f"wrote {', '.join(paths.values())}  ({elapsed:.0f} s)", file=stream)
     return rows, paths

@@ -33,7 +33,7 @@ from fastvat.bench.timing import check, row
 
 SIZES = {
     "smoke": {"layers": 1, "hidden": 32, "heads": 2, "vocab": 1000, "batch": 4, "seq": 16,
-              "weight_vocabs": (1000, 8000), "sweep": {"batch": (2, 8)}, "minilm": False},
+              "weight_vocabs": (1000, 8000), "sweep": {"batch": (2,)}, "minilm": False},
     "default": {"layers": 4, "hidden": 256, "heads": 4, "vocab": 30522, "batch": 16, "seq": 64,
                 "weight_vocabs": (30522, 250000), "sweep": {"batch": (8, 32), "seq": (32,)}, "minilm": False},
     "full": {"layers": 4, "hidden": 256, "heads": 4, "vocab": 30522, "batch": 16, "seq": 64,
@@ -58,7 +58,7 @@ class Ctx:
         self.progress = progress
         self.seed = seed
         if mode == "smoke":
-            self.min_run_time, self.min_reps = 0.0, 2
+            self.min_run_time, self.min_reps = 0.0, 1
         elif quick:
             self.min_run_time, self.min_reps = 0.5, 2
         else:
