@@ -37,22 +37,32 @@ def log(*a):
 # timing
 # ---------------------------------------------------------------------------------------------
 class Timer:
-    def __init__(self, torch, reps, warmup):
+    def __init__(self, torch, reps, warmup, device="cuda"):
         self.torch = torch
         self.reps = reps
         self.warmup = warmup
-        self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device="cuda")  # 256 MB > L2
+        self.cuda = device == "cuda"
+        n = 64 * 1024 * 1024 if self.cuda else 1024 * 1024
+        self.flush = torch.empty(n, dtype=torch.float32, device=device)  # 256 MB > L2
 
     def __call__(self, fn):
         torch = self.torch
         t = time.perf_counter()
         for _ in range(self.warmup):
             fn()
-        torch.cuda.synchronize()
+        sync(torch, self.cuda)
         per_call = (time.perf_counter() - t) / max(self.warmup, 1)
         reps = self.reps
         if per_call > 0.02:  # slow (eager on big tensors): fewer repeats
             reps = max(5, min(reps, int(1.0 / per_call)))
+        if not self.cuda:  # CPU smoke run of this script: wall clock
+            ts = []
+            for _ in range(reps):
+                self.flush.zero_()
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e3)
+            return summarize(ts, reps)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
@@ -61,19 +71,29 @@ class Timer:
             fn()
             ends[i].record()
         torch.cuda.synchronize()
-        ts = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [ts[0], ts[len(ts) // 2], ts[-1]]
-        return {"ms": statistics.median(ts), "q1": q[0], "q3": q[2], "reps": reps}
+        return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], reps)
 
 
-def copy_bandwidth(torch, timer, nbytes=2 * 1024**3):
+def summarize(ts, reps):
+    ts = sorted(ts)
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [ts[0], ts[len(ts) // 2], ts[-1]]
+    return {"ms": statistics.median(ts), "q1": q[0], "q3": q[2], "reps": reps}
+
+
+def sync(torch, cuda):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(torch, timer, device, nbytes=2 * 1024**3):
     n = nbytes // 4
-    src = torch.randn(n, device="cuda")
+    src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     st = timer(lambda: dst.copy_(src))
     gbps = 2 * nbytes / (st["ms"] * 1e-3) / 1e9
     del src, dst
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return gbps, st
 
 
@@ -90,11 +110,11 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def case_perturb(torch, ops, ref, dtype, quick):
-    V, H = (50000, 1024) if quick else (250000, 1024)
-    w = torch.randn(V, H, device="cuda", dtype=dtype)
-    d = torch.randn(V, H, device="cuda", dtype=dtype)
-    prev = torch.zeros(V, H, device="cuda", dtype=dtype)
+def case_perturb(torch, ops, ref, dtype, size, dev):
+    V, H = {"full": (250000, 1024), "quick": (50000, 1024), "tiny": (500, 64)}[size]
+    w = torch.randn(V, H, device=dev, dtype=dtype)
+    d = torch.randn(V, H, device=dev, dtype=dtype)
+    prev = torch.zeros(V, H, device=dev, dtype=dtype)
     n, es = V * H, w.element_size()
 
     def fast():
@@ -123,14 +143,14 @@ def case_perturb(torch, ops, ref, dtype, quick):
                 compile=make_compiled, check=check, tensors=[w, d, prev])
 
 
-def case_l2(torch, ops, ref, dtype, norm, quick):
-    B, T, H = (64, 512, 1024) if quick else (256, 512, 1024)
-    x = torch.randn(B, T, H, device="cuda", dtype=dtype)
-    g = torch.Generator(device="cuda").manual_seed(0)
+def case_l2(torch, ops, ref, dtype, norm, size, dev):
+    B, T, H = {"full": (256, 512, 1024), "quick": (64, 512, 1024), "tiny": (4, 16, 64)}[size]
+    x = torch.randn(B, T, H, device=dev, dtype=dtype)
+    g = torch.Generator(device=dev).manual_seed(0)
     mask = None
     if norm != "global":
-        lengths = torch.randint(T // 4, T + 1, (B,), device="cuda", generator=g)
-        mask = torch.arange(T, device="cuda")[None, :] < lengths[:, None]  # [B, T] padding mask
+        lengths = torch.randint(T // 4, T + 1, (B,), device=dev, generator=g)
+        mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # [B, T] padding mask
     n, es = x.numel(), x.element_size()
 
     def fast():
@@ -151,11 +171,13 @@ def case_l2(torch, ops, ref, dtype, norm, quick):
                 impls={"fastvat": fast, "eager": eager}, compile=make_compiled, check=check, tensors=[x, mask])
 
 
-def case_kl(torch, ops, ref, dtype, N, C, quick):
-    if quick:
+def case_kl(torch, ops, ref, dtype, N, C, size, dev):
+    if size == "quick":
         N = max(1, N // 4)
-    p = torch.randn(N, C, device="cuda", dtype=dtype) * 2
-    q = (torch.randn(N, C, device="cuda", dtype=dtype) * 2).requires_grad_()
+    elif size == "tiny":
+        N, C = max(1, N // 256), C // 64
+    p = torch.randn(N, C, device=dev, dtype=dtype) * 2
+    q = (torch.randn(N, C, device=dev, dtype=dtype) * 2).requires_grad_()
     n, es = N * C, p.element_size()
 
     def fast():
@@ -182,26 +204,28 @@ def case_kl(torch, ops, ref, dtype, N, C, quick):
         l1, l2 = ops.kl_div_with_logits(p, q.detach()), ref.kl_div_with_logits(p, q.detach())
         return max(rel_err(g1, g2), abs(l1.item() - l2.item()) / max(abs(l2.item()), 1e-30))
 
+    impls = {"fastvat": fast, "fastvat op (loss+grad)": fused_op, "eager": eager}
+    for variant in ("cached", "stream", "stream512"):  # the kernel variants (FASTVAT_KL_VARIANT)
+        impls[f"fastvat op [{variant}]"] = (fused_op, {"FASTVAT_KL_VARIANT": variant})
     return dict(op="kl_div fwd+bwd", case=f"[{N},{C}]", dtype=dt_name(dtype), bytes=3 * n * es,
-                note="r p,q + w grad (autograd adds a scaling pass)",
-                impls={"fastvat": fast, "fastvat op (loss+grad)": fused_op, "eager": eager},
+                note="r p,q + w grad (autograd adds a scaling pass)", impls=impls,
                 compile=make_compiled, check=check, tensors=[p, q])
 
 
-def case_gather(torch, ops, ref, dtype, quick):
-    V, H = (50000, 1024) if quick else (250000, 1024)
-    B, T = 64, 512
-    g = torch.Generator(device="cuda").manual_seed(0)
+def case_gather(torch, ops, ref, dtype, size, dev):
+    V, H = {"full": (250000, 1024), "quick": (50000, 1024), "tiny": (1000, 64)}[size]
+    B, T = (8, 32) if size == "tiny" else (64, 512)
+    g = torch.Generator(device=dev).manual_seed(0)
     # Zipf-like ids with padding (id 0) at the end of each sequence: long and short segments.
-    ranks = torch.rand(B, T, device="cuda", generator=g).pow(3.0)
+    ranks = torch.rand(B, T, device=dev, generator=g).pow(3.0)
     ids = (ranks * (V - 1)).long() + 1
-    lengths = torch.randint(T // 2, T + 1, (B,), device="cuda", generator=g)
-    ids = torch.where(torch.arange(T, device="cuda")[None, :] < lengths[:, None], ids, torch.zeros_like(ids))
+    lengths = torch.randint(T // 2, T + 1, (B,), device=dev, generator=g)
+    ids = torch.where(torch.arange(T, device=dev)[None, :] < lengths[:, None], ids, torch.zeros_like(ids))
     uniq, inv = torch.unique(ids, return_inverse=True)
     U = uniq.numel()
-    w = torch.randn(V, H, device="cuda", dtype=dtype).requires_grad_()
-    delta = (torch.randn(U, H, device="cuda", dtype=dtype) * 0.01).requires_grad_()
-    go = torch.randn(B, T, H, device="cuda", dtype=dtype)
+    w = torch.randn(V, H, device=dev, dtype=dtype).requires_grad_()
+    delta = (torch.randn(U, H, device=dev, dtype=dtype) * 0.01).requires_grad_()
+    go = torch.randn(B, T, H, device=dev, dtype=dtype)
     N, es = B * T, w.element_size()
 
     def fwd_fast():
@@ -270,13 +294,13 @@ def fmt(v, nd, kind=""):
 
 def print_table(rows, copy_gbps):
     print(f"\n== fastvat GPU ops (copy_ {copy_gbps:.0f} GB/s; GB/s = minimal bytes / median time) ==")
-    hdr = f"{'op':<19}{'case':<34}{'dt':<5}{'impl':<24}{'ms':>9}{'GB/s':>7}{'%cp':>5}{'vsEag':>7}{'err':>9}"
+    hdr = f"{'op':<19}{'case':<34}{'dt':<5}{'impl':<24}{'ms':>9}{'GB/s':>7}{'%cp':>5}{'vsEag':>9}{'err':>9}"
     print(hdr)
     for r in rows:
         err = r.get("error")
         line = (f"{r['op'][:18]:<19}{r['case'][:33]:<34}{r['dtype']:<5}{r['impl'][:23]:<24}"
                 f"{fmt(r.get('ms'), 3):>9}{fmt(r.get('gbps'), 0):>7}{fmt(r.get('pct_copy'), 0):>5}"
-                f"{fmt(r.get('speedup_vs_eager'), 2, 'x'):>7}{fmt(r.get('max_rel_err'), 1, 'e'):>9}")
+                f"{fmt(r.get('speedup_vs_eager'), 2, 'x'):>9}{fmt(r.get('max_rel_err'), 1, 'e'):>9}")
         if err:
             line += "  ERR " + err[:60]
         print(line)
@@ -291,12 +315,17 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; torch.compile rows stop when spent")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--quick", action="store_true", help="smaller tensors (a smoke run)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu only smoke-tests this script (with --tiny); the numbers mean nothing there")
+    ap.add_argument("--tiny", action="store_true", help="tiny tensors (script smoke test)")
     ap.add_argument("--only", default="perturb,l2,kl,gather", help="comma list of perturb,l2,kl,gather")
     args = ap.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
+    dev = args.device
+    size = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    if dev == "cuda" and not torch.cuda.is_available():
         print("bench_ops_gpu: no CUDA GPU is visible; this benchmark needs one (nothing measured).", file=sys.stderr)
         return 2
     import fastvat
@@ -311,27 +340,30 @@ def main(argv=None):
     out_json = os.path.abspath(args.out)
     out_md = os.path.splitext(out_json)[0] + ".md"
     os.makedirs(os.path.dirname(out_json), exist_ok=True)
-    props = torch.cuda.get_device_properties(0)
-    timer = Timer(torch, args.reps, args.warmup)
-    copy_gbps, cst = copy_bandwidth(torch, timer)
-    meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                cuda=torch.version.cuda, copy_gbps=copy_gbps, copy_ms_2GB=cst["ms"], extension=info,
-                reps=args.reps, quick=args.quick)
-    log(f"device {props.name}, {props.multi_processor_count} SMs; copy_ {copy_gbps:.0f} GB/s")
+    if dev == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        dname, sms = props.name, props.multi_processor_count
+    else:
+        dname, sms = "cpu", 0
+    timer = Timer(torch, args.reps, args.warmup, dev)
+    copy_gbps, cst = copy_bandwidth(torch, timer, dev, 2 * 1024**3 if size == "full" else 64 * 1024**2)
+    meta = dict(device=dname, sms=sms, torch=torch.__version__, cuda=torch.version.cuda, copy_gbps=copy_gbps,
+                copy_ms=cst["ms"], extension=info, reps=args.reps, size=size)
+    log(f"device {dname}, {sms} SMs; copy_ {copy_gbps:.0f} GB/s")
 
     only = set(args.only.split(","))
     makers = []
     for dt in (torch.float32, torch.bfloat16):
         if "perturb" in only:
-            makers.append(lambda dt=dt: case_perturb(torch, ops, ref, dt, args.quick))
+            makers.append(lambda dt=dt: case_perturb(torch, ops, ref, dt, size, dev))
         if "l2" in only:
             for norm in ("global", "sample", "token"):
-                makers.append(lambda dt=dt, norm=norm: case_l2(torch, ops, ref, dt, norm, args.quick))
+                makers.append(lambda dt=dt, norm=norm: case_l2(torch, ops, ref, dt, norm, size, dev))
         if "kl" in only:
             for N, C in ((4096, 32000), (512, 131072)):
-                makers.append(lambda dt=dt, N=N, C=C: case_kl(torch, ops, ref, dt, N, C, args.quick))
+                makers.append(lambda dt=dt, N=N, C=C: case_kl(torch, ops, ref, dt, N, C, size, dev))
         if "gather" in only:
-            makers.append(lambda dt=dt: case_gather(torch, ops, ref, dt, args.quick))
+            makers.append(lambda dt=dt: case_gather(torch, ops, ref, dt, size, dev))
 
     rows = []
 
@@ -366,11 +398,22 @@ def main(argv=None):
                 log("  check failed:", repr(exc)[:200])
             res = {}
             for impl, fn in c["impls"].items():
+                env = {}
+                if isinstance(fn, tuple):  # (fn, environment variables to set while timing it)
+                    fn, env = fn
+                saved = {k: os.environ.get(k) for k in env}
                 try:
+                    os.environ.update(env)
                     res[impl] = timer(fn)
                 except Exception as exc:  # noqa: BLE001
                     res[impl] = exc
                     log(f"  {impl} failed: {exc!r}"[:300])
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
             for impl in c["impls"]:
                 v = res[impl]
                 ref_impl = "eager fwd only" if "fwd only" in impl else "eager"
@@ -390,8 +433,9 @@ def main(argv=None):
             traceback.print_exc()
         finally:
             del c
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
 
     # Phase 2: torch.compile of the reference, while the budget lasts.
     for make, eager_ms in pending_compile:
@@ -407,7 +451,7 @@ def main(argv=None):
             t = time.time()
             fn = c["compile"]()
             fn()  # compiles
-            torch.cuda.synchronize()
+            sync(torch, dev == "cuda")
             log(f"  compiled in {time.time() - t:.1f} s")
             st = timer(fn)
             r = record(c, "torch.compile(ref)", st, eager_ms=eager_ms)
@@ -418,8 +462,9 @@ def main(argv=None):
                 record(c, "torch.compile(ref)", err=("compile failed: " + repr(exc))[:200])
         finally:
             del c
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
 
     rows.sort(key=lambda r: (r["op"], r["case"], r["dtype"]))
     write_outputs(out_json, out_md, meta, rows)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check of fastvat on a CUDA machine (H200 / sm_90): build, CUDA tests, memcheck of
-# every kernel path, op benchmark. Everything is logged under OUTDIR; each step goes on when the
+# One-shot GPU check of fastvat on a CUDA machine (H200 / sm_90): build, CUDA tests, every kernel
+# path against the reference (plain and under compute-sanitizer memcheck), op benchmark, rest of
+# the test suite. Everything is logged under OUTDIR; each step goes on when the
 # previous one fails, and the whole run stays under ~8 minutes (every step has a timeout derived
 # from a global deadline).
 #
@@ -47,7 +48,7 @@ run() {
   local s=$(date +%s)
   timeout --kill-after=10 "$t" "$@" > "$logf" 2>&1
   local rc=$?
-  tail -n 25 "$logf"
+  tail -n 15 "$logf"
   local verdict=ok; (( rc == 124 || rc == 137 )) && verdict=TIMEOUT; (( rc != 0 && rc != 124 && rc != 137 )) && verdict=FAILED
   note "$name: $verdict (rc=$rc, $(( $(date +%s) - s ))s)"
   return $rc
@@ -64,7 +65,7 @@ cat "$OUT/env.log" | tail -6
 
 # ---- 1. build in place ------------------------------------------------------------------------
 rm -f "$ROOT"/fastvat/_C*.so
-run "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" "$OUT/build.log" 300 170 \
+run "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" "$OUT/build.log" 300 160 \
   $PY setup.py build_ext --inplace
 BUILD_RC=$?
 $PY -c "import fastvat; print(fastvat.extension_info())" 2>&1 | tee -a "$OUT/build.log" | tee -a "$SUMMARY"
@@ -79,34 +80,40 @@ if [ "$BUILD_RC" -ne 0 ]; then
   grep -nE "error|Error" "$OUT/build.log" | head -20 | tee -a "$SUMMARY"
 fi
 
-# ---- 2. tests -----------------------------------------------------------------------------------
+# ---- 2. CUDA tests --------------------------------------------------------------------------------
 PYTEST_TIMEOUT=""
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout=120"
-run "pytest -k cuda (the CUDA cases of the suite)" "$OUT/pytest.log" 120 200 \
+run "pytest -k cuda (the CUDA cases of the suite)" "$OUT/pytest.log" 120 150 \
   $PY -m pytest tests -q -k cuda -rfE --maxfail=25 -p no:cacheprovider $PYTEST_TIMEOUT
-run "pytest whole tests/ dir minus the cuda cases already run (not slow)" "$OUT/pytest_all.log" 90 170 \
-  $PY -m pytest tests -q -k "not cuda" -m "not slow" -rfE --maxfail=25 -p no:cacheprovider $PYTEST_TIMEOUT
-grep -E "passed|failed|error" "$OUT/pytest.log" "$OUT/pytest_all.log" | tail -4 | tee -a "$SUMMARY"
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -2 | tee -a "$SUMMARY"
 
-# ---- 3. kernel paths: plain check, then compute-sanitizer memcheck --------------------------------
-run "sanitize_cases.py (plain: every kernel path vs the reference)" "$OUT/sanitize_plain.log" 45 150 \
+# ---- 3a. every kernel path once, against the reference (plain run) ----------------------------------
+run "sanitize_cases.py (plain: every kernel path vs the reference)" "$OUT/sanitize_plain.log" 45 120 \
   $PY benchmarks/sanitize_cases.py
 grep -E "failing checks" "$OUT/sanitize_plain.log" | tee -a "$SUMMARY"
+
+# ---- 4. op benchmark (before the slower checks, so that a slow build still leaves it time) ----------
+T_BENCH=$(limit 200 60)
+run "bench_ops_gpu.py" "$OUT/bench.log" "$T_BENCH" 0 \
+  $PY benchmarks/bench_ops_gpu.py --out "$OUT/gpu_ops.json" --budget $(( T_BENCH - 20 ))
+
+# ---- 3b. compute-sanitizer memcheck of the same cases ------------------------------------------------
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$SAN" ]; then
-  run "compute-sanitizer memcheck (fp32,bf16)" "$OUT/sanitizer.log" 90 120 \
-    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 9 --print-limit 20 $PY benchmarks/sanitize_cases.py --dtypes fp32,bf16
+  run "compute-sanitizer memcheck (fp32,bf16)" "$OUT/sanitizer.log" 90 25 \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 9 --print-limit 20 \
+    $PY benchmarks/sanitize_cases.py --dtypes fp32,bf16
   grep -E "ERROR SUMMARY|failing checks|Device not supported|Invalid" "$OUT/sanitizer.log" | head -8 | tee -a "$SUMMARY"
 else
   note "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
 fi
 
-# ---- 4. op benchmark --------------------------------------------------------------------------------
-T_BENCH=$(limit 330 5)
-run "bench_ops_gpu.py" "$OUT/bench.log" "$T_BENCH" 0 \
-  $PY benchmarks/bench_ops_gpu.py --out "$OUT/gpu_ops.json" --budget $(( T_BENCH - 25 ))
-# the table (tail of the log) for the terminal
-sed -n '/== fastvat GPU ops/,$p' "$OUT/bench.log" | head -70
+# ---- 5. the rest of the test suite (not slow), in what time is left -----------------------------------
+run "pytest tests/ minus the cuda cases above (-m 'not slow')" "$OUT/pytest_all.log" 90 0 \
+  $PY -m pytest tests -q -k "not cuda" -m "not slow" -rfE --maxfail=25 -p no:cacheprovider $PYTEST_TIMEOUT
+grep -E "passed|failed|error" "$OUT/pytest_all.log" | tail -2 | tee -a "$SUMMARY"
 
+# the benchmark table (end of its log) last, next to the summary
+sed -n '/== fastvat GPU ops/,$p' "$OUT/bench.log" | head -80
 note "done in $(elapsed)s; logs in $OUT"
 cat "$SUMMARY"

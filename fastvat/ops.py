@@ -231,7 +231,10 @@ def _kl_backward(ctx, grad_rows, _grad_of_grad):
         if mask is not None:
             g = g * mask.to(dt).unsqueeze(-1)
         return None, (g * grad_rows.to(dt).unsqueeze(-1)).to(q.dtype), None, None
-    return None, grad.mul_(grad_rows.unsqueeze(-1).to(grad.dtype)), None, None
+    scale = grad_rows.unsqueeze(-1).to(grad.dtype)
+    if type(grad) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0:
+        return None, grad.mul_(scale), None, None  # eager: reuse the forward's buffer
+    return None, grad * scale, None, None  # traced (fake/functional tensors): no mutation
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,14 +44,19 @@ def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
         v = v * _mask_like(mask, x, dt)
     if v.numel() == 0:
         return v.to(x.dtype)
-    n = group_sumsq(v, norm).sqrt()
-    factor = torch.where(n > 0, scale / n.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(n))
+    ss = group_sumsq(v, norm)
+    nonzero = ss > 0
+    # sqrt of a safe value: sqrt'(0) is infinite, which would turn the zero gradient of a
+    # zero-norm group (e.g. a fully masked sample) into NaN.
+    n = torch.where(nonzero, ss, torch.ones_like(ss)).sqrt()
+    factor = torch.where(nonzero, scale / n.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(n))
     return (v * factor).to(x.dtype)
 
 
 def perturb_(weight, direction, scale, previous=None, out=None):
     """The article's in-place step: new = scale*d/||d|| (global), weight += new - previous."""
-    new = l2_normalize(direction, scale=scale, norm="global")
+    # the perturbation is stored in weight's dtype (direction may have another floating dtype)
+    new = l2_normalize(direction, scale=scale, norm="global").to(weight.dtype)
     if previous is not None:
         weight.add_((new.to(acc_dtype(weight.dtype)) - previous.to(acc_dtype(weight.dtype))).to(weight.dtype))
     else:
@@ -78,7 +83,7 @@ def kl_rows(p_logits, q_logits, mask=None):
     lq = F.log_softmax(q_logits.to(dt), dim=-1)
     pp = lp.exp()
     # 0 * log 0 = 0: a class with p = -inf (probability 0) adds nothing, even where q = -inf too.
-    rows = torch.where(pp > 0, pp * (lp - lq), torch.zeros_like(pp)).sum(-1)
+    rows = torch.where(pp == 0, torch.zeros_like(pp), pp * (lp - lq)).sum(-1)  # NaN stays NaN
     if mask is not None:
         rows = rows * mask.to(dt).reshape(rows.shape)
     return rows

@@ -31,6 +31,19 @@ CPU_KERNELS = (
 )
 needs_ops = pytest.mark.skipif(not COMPILED, reason="compiled kernels not loaded (reference backend)")
 
+
+def uses_kernels(device):
+    """Whether fastvat.ops runs compiled kernels (not the reference) for tensors on device."""
+    return COMPILED and (device == "cpu" or fastvat.extension_info()["cuda_kernels"])
+
+
+def require_kernels(device):
+    """Tests that call torch.ops.fastvat.* directly need kernels for the device."""
+    if not COMPILED:
+        pytest.skip("compiled kernels not loaded (reference backend)")
+    if device == "cuda" and not fastvat.extension_info()["cuda_kernels"]:
+        pytest.skip("the extension was built without CUDA kernels")
+
 # Relative tolerance per dtype: about two units in the last place of the output dtype.
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
@@ -95,7 +108,9 @@ def test_l2_normalize_matches_reference(device, dtype, norm, case):
     out = ops.l2_normalize(x, scale=2.5, norm=norm, mask=m, baseline=b)
     mref = None if m is None else m.to(dtype).expand(x.shape[: m.dim()])
     expected = ref.l2_normalize(x, scale=2.5, norm=norm, mask=mref, baseline=b)
-    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert out.dtype == dtype and out.shape == x.shape
+    if uses_kernels(device):
+        assert out.is_contiguous()
     assert torch.isfinite(out).all()
     assert_close(out, expected, dtype)
     # the scale is honoured: the norm of every group with a non-zero v is 2.5
@@ -243,6 +258,23 @@ def test_perturb_out_and_strided_buffers(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_perturb_op_with_strided_weight_and_delta(device):
+    """The op itself (not only the wrapper) updates strided weight/delta through their views."""
+    require_kernels(device)
+    w0, d = randn(30, 9, device=device), randn(9, 30, device=device, seed=1).t()
+    prev = randn(30, 9, device=device, seed=2, scale=0.1)
+    w = w0.t().contiguous().t()
+    store = torch.zeros(30, 18, device=device)
+    delta = store[:, 1::2]
+    delta.copy_(prev)
+    torch.ops.fastvat.perturb_(w, d, delta, 0.7, True)
+    new = ref.l2_normalize(d, scale=0.7)
+    assert_close(delta, new, torch.float32)
+    assert_close(w, w0 + new - prev, torch.float32, scale=w0.abs().max().item())
+    assert (store[:, 0::2] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_perturb_direction_of_other_dtype_and_zero_direction(device):
     w0 = randn(16, 8, dtype=torch.bfloat16, device=device)
     d = randn(16, 8, device=device, seed=1)  # float32 direction for a bf16 weight
@@ -340,6 +372,28 @@ def test_kl_gradcheck(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kl_backward_twice_and_double_backward(device):
+    """backward reuses the forward's gradient buffer once; a second backward (retain_graph) gives
+    the same bits, and create_graph gives a correct Hessian-vector product."""
+    p, q = randn(5, 33, device=device), randn(5, 33, device=device, seed=1).requires_grad_()
+    mask = torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool, device=device)
+    loss = ops.kl_div_with_logits(p, q, mask=mask, reduction="sum")
+    (g1,) = torch.autograd.grad(loss, q, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, q)
+    assert torch.equal(g1, g2)
+    v = randn(5, 33, device=device, seed=2)
+    q64 = q.detach().double().requires_grad_()
+    hv = []
+    for fn in (ops.kl_div_with_logits, ref.kl_div_with_logits):
+        qq = q64.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(p.double(), qq, mask=mask, reduction="batchmean"), qq, create_graph=True)
+        (h,) = torch.autograd.grad((g * v.double()).sum(), qq)
+        hv.append(h)
+    torch.testing.assert_close(hv[0], hv[1])
+    assert hv[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kl_edge_cases(device):
     # identical logits: zero loss and zero gradient
     p = randn(3, 1000, device=device, scale=5.0)
@@ -347,7 +401,7 @@ def test_kl_edge_cases(device):
     rows = ops.kl_div_with_logits(p, q, reduction="none")
     assert (rows.abs() < 1e-5).all()
     (g,) = torch.autograd.grad(rows.sum(), q)
-    assert (g.abs() < 1e-7).all()
+    assert (g.abs() < 1e-6).all()
     # large offsets (online max) and a shift-invariant loss
     p, q = randn(2, 5000, device=device), randn(2, 5000, device=device, seed=1)
     base = ops.kl_div_with_logits(p, q, reduction="none")
@@ -403,11 +457,14 @@ def test_embedding_gather_add(device, dtype, index_dtypes):
     assert_close(out, expected, dtype)
     go = randn(3, 5, 13, dtype=dtype, device=device, seed=9, scale=2.0)
     gw, gd = torch.autograd.grad(out, (weight, delta), go)
-    # F.embedding's backward sums repeated rows in the half dtype; the kernel sums in float32 and
-    # rounds once, so compare with sums taken in float64 and rounded once.
-    w64, d64 = w2.detach().double().requires_grad_(), d2.detach().double().requires_grad_()
-    out64 = ref.embedding_gather_add(w64, ids.long(), d64, di.long(), padding_idx=0)
-    gw_ref, gd_ref = (g.to(dtype) for g in torch.autograd.grad(out64, (w64, d64), go.double()))
+    if uses_kernels(device):
+        # F.embedding's backward sums repeated rows in the half dtype; the kernels sum in float32
+        # and round once, so compare with sums taken in float64 and rounded once.
+        w64, d64 = w2.detach().double().requires_grad_(), d2.detach().double().requires_grad_()
+        out64 = ref.embedding_gather_add(w64, ids.long(), d64, di.long(), padding_idx=0)
+        gw_ref, gd_ref = (g.to(dtype) for g in torch.autograd.grad(out64, (w64, d64), go.double()))
+    else:
+        gw_ref, gd_ref = torch.autograd.grad(expected, (w2, d2), go)
     assert_close(gw, gw_ref, dtype)
     assert_close(gd, gd_ref, dtype)
     assert (gw[0] == 0).all()  # padding row
@@ -464,9 +521,9 @@ def test_embedding_gather_add_kernel_checks_index_range():
 # ---------------------------------------------------------------------------------------------
 # torch.library.opcheck (schema, fake kernel, autograd registration, aot dispatch)
 # ---------------------------------------------------------------------------------------------
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_l2_normalize(device):
+    require_kernels(device)
     x = randn(3, 4, 5, device=device, dtype=torch.float64).requires_grad_()
     b = randn(3, 4, 5, device=device, dtype=torch.float64, seed=1)
     m = torch.tensor([[1.0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float64, device=device)
@@ -474,17 +531,17 @@ def test_opcheck_l2_normalize(device):
         torch.library.opcheck(torch.ops.fastvat.l2_normalize.default, args)
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_perturb(device):
+    require_kernels(device)
     w, d, delta = randn(6, 5, device=device), randn(6, 5, device=device, seed=1), randn(6, 5, device=device, seed=2)
     torch.library.opcheck(torch.ops.fastvat.perturb_.default, (w, d, delta, 1.5, True))
     torch.library.opcheck(torch.ops.fastvat.perturb_.default, (w, d, delta, 1.5, False))
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_kl(device):
+    require_kernels(device)
     p = randn(4, 9, device=device, dtype=torch.float64)
     q = randn(4, 9, device=device, dtype=torch.float64, seed=1).requires_grad_()
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=device)
@@ -492,9 +549,9 @@ def test_opcheck_kl(device):
     torch.library.opcheck(torch.ops.fastvat.kl_div_with_logits.default, (p, q.detach(), None, False))
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_embedding(device):
+    require_kernels(device)
     weight, ids, delta, di = _gather_inputs(torch.float64, device)
     weight.requires_grad_()
     delta.requires_grad_()
@@ -658,6 +715,8 @@ def test_built_extension_is_the_one_in_use():
     built = glob.glob(os.path.join(os.path.dirname(fastvat.__file__), "_C*.so"))
     if not built:
         pytest.skip("no compiled module in the package folder")
+    if os.environ.get("FASTVAT_BACKEND") == "reference":
+        pytest.skip("FASTVAT_BACKEND=reference forces the reference")
     info = fastvat.extension_info()
     assert info["backend"] == "compiled", info
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastvat::kl_div_with_logits", "CPU")

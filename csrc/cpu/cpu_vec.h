@@ -6,7 +6,7 @@
 // AVX2 Vectorized (namespace at::vec::AVX2, so nothing collides with baseline code), and the
 // including file closes the region with FASTVAT_CPU_VEC_END after its kernels. The op entry
 // points and registrations stay outside the region (baseline code) and call the kernels only
-// when `simd_enabled()` says the CPU has AVX2/FMA/F16C; otherwise they run an ATen composition
+// when `simd_enabled()` says the CPU has AVX2 and FMA (hence F16C); otherwise they run an ATen composition
 // of the same math (also forced by FASTVAT_CPU_SIMD=0, which the tests use to check it).
 // Elsewhere (clang, aarch64, ...) the region is not opened and ATen's default vector code is
 // used directly.
@@ -55,7 +55,8 @@ inline bool simd_enabled() {
     if (env != nullptr && env[0] == '0') return false;
 #ifdef FASTVAT_CPU_AVX2
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    // Every CPU with AVX2 and FMA also has F16C (which came earlier).
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     return true;
 #endif

@@ -42,9 +42,8 @@ __global__ void __launch_bounds__(256)
     dr[j] = 0;
     if (n < N) {
       const int64_t id = static_cast<int64_t>(ids[n]);
-      int64_t x = static_cast<int64_t>(di[n]);
-      if (x < 0) x += U;  // delta[delta_index] indexing wraps negative indices
-      ok[j] = id >= 0 && id < V && x >= 0 && x < U;
+      const int64_t x = static_cast<int64_t>(di[n]);
+      ok[j] = id >= 0 && id < V && x >= 0 && x < U;  // as the CPU kernel: no negative indices
       CUDA_KERNEL_ASSERT(ok[j] && "fastvat.embedding_gather_add: index out of range");
       wr[j] = ok[j] ? id * H : 0;
       dr[j] = ok[j] ? x * H : 0;
@@ -310,8 +309,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_gather_add_backward_cuda(const at::
           segment_sum<scalar_t>(grad, keys, num_weight_rows, padding_idx >= 0 ? padding_idx : int64_t(-1), gw);
         }
         if (need_delta_grad) {
-          at::Tensor keys = di.reshape({N}).to(at::kLong);
-          keys = at::where(keys < 0, keys + num_delta_rows, keys);  // delta[delta_index] wraps negatives
+          const at::Tensor keys = di.reshape({N}).to(at::kLong);
           segment_sum<scalar_t>(grad, keys, num_delta_rows, int64_t(-1), gd);
         }
       });

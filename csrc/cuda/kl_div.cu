@@ -9,15 +9,19 @@
 // p ≈ q, so the loss keeps its relative accuracy even for tiny KL (the VAT regime). Without
 // pass 2, loss = S/Zp - c.
 //
-// Rows up to 4096 16-byte vectors (fp32 C <= 16384, bf16 C <= 32768) stay on chip between the
-// passes (p in registers, q in shared memory); longer rows are read again in pass 2, backwards, by one 1024-thread block per
-// multiprocessor so that most of the row is still in L2. Masked rows (mask == 0) are not read.
+// Rows up to 2048 16-byte vectors (fp32 C <= 8192, bf16 C <= 16384) stay on chip between the
+// passes (p in registers, q in shared memory); longer rows are read again in pass 2, backwards,
+// by one 1024-thread block per multiprocessor so that most of the row is still in L2
+// (FASTVAT_KL_VARIANT picks other variants for benchmarking, see kl_variant).
+// Masked rows (mask == 0) are not read.
 #include "common.h"
 #include "cuda/cuda_utils.cuh"
 
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace fastvat {
 namespace cuda {
@@ -141,8 +145,14 @@ __device__ __forceinline__ void to_acc(const Pack<T, VEC>& p, acc_t<T> (&v)[VEC]
   for (int k = 0; k < VEC; ++k) v[k] = static_cast<acc_t<T>>(p.val[k]);
 }
 
+// Two 512-thread streaming blocks per multiprocessor (registers capped at 64), else one.
+template <int VPT, int THREADS>
+constexpr int kl_min_blocks() {
+  return VPT == 0 && THREADS == 512 ? 2 : 1;
+}
+
 template <typename T, int VEC, int TEAM, int VPT, int THREADS>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
     kl_rows_kernel(const T* __restrict__ P, const T* __restrict__ Q, T* __restrict__ Gd,
                    const acc_t<T>* __restrict__ M, acc_t<T>* __restrict__ rows, int64_t N, int64_t C) {
   using A = acc_t<T>;
@@ -317,6 +327,21 @@ void launch_kl(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Kernel choice, overridable for benchmarking with FASTVAT_KL_VARIANT (read on every call):
+//   auto (default): rows of <= 2048 16-byte vectors cached on chip (several blocks per SM),
+//                   longer rows streamed twice by one 1024-thread block per SM (row stays in L2);
+//   cached:   also cache rows of <= 4096 vectors (one 512-thread block per SM, no L2 re-read);
+//   stream:   always the 1024-thread streaming kernel;  stream512: 512 threads, 2 blocks per SM.
+inline int kl_variant() {
+  const char* s = std::getenv("FASTVAT_KL_VARIANT");
+  if (s == nullptr || s[0] == '\0') return 0;
+  const std::string v(s);
+  if (v == "cached") return 1;
+  if (v == "stream") return 2;
+  if (v == "stream512") return 3;
+  return 0;
+}
+
 template <typename T>
 void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mask, at::Tensor& rows,
                  at::Tensor& grad, int64_t N, int64_t C) {
@@ -331,9 +356,13 @@ void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mas
   const bool aligned = is_aligned(pp, 16) && is_aligned(qp, 16) && (gp == nullptr || is_aligned(gp, 16));
   if (aligned) {
     const int64_t nvec = C / VEC;
-    if (nvec <= 32 * 4) return launch_kl<T, VEC, 32, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
-    if (nvec <= 256 * 4) return launch_kl<T, VEC, 256, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
-    if (nvec <= 512 * 8) return launch_kl<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
+    const int variant = kl_variant();
+    if (variant == 0 || variant == 1) {
+      if (nvec <= 32 * 4) return launch_kl<T, VEC, 32, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
+      if (nvec <= 256 * 8) return launch_kl<T, VEC, 256, 8, 256>(pp, qp, gp, mp, rp, N, C, device);
+      if (variant == 1 && nvec <= 512 * 8) return launch_kl<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
+    }
+    if (variant == 3) return launch_kl<T, VEC, 512, 0, 512>(pp, qp, gp, mp, rp, N, C, device);
     return launch_kl<T, VEC, 1024, 0, 1024>(pp, qp, gp, mp, rp, N, C, device);
   }
   if (C <= 1024) return launch_kl<T, 1, 32, 0, 256>(pp, qp, gp, mp, rp, N, C, device);
