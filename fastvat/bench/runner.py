@@ -11,6 +11,7 @@ Modes (sizes and repeats):
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -35,16 +36,18 @@ def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=N
     suites = set(only or ("ops", "step"))
 
     bar = None
-    ticker = None
+    phases = []  # (label, start time): where the run spent its time, written to the JSON
+
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=1, desc="fastvat bench", unit="case", file=sys.stderr, dynamic_ncols=True, leave=False)
 
-        def ticker(label):
-            if bar.n < bar.total and getattr(bar, "_started", False):
+    def ticker(label):
+        phases.append((label, time.perf_counter()))
+        if bar is not None:
+            if len(phases) > 1 and bar.n < bar.total:
                 bar.update(1)
-            bar._started = True
             bar.set_description(label[:50])
 
     octx = op_bench.Ctx(device, op_mode, quick=quick, compile=compile, dtypes=dtypes, progress=ticker,
@@ -61,6 +64,7 @@ def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=N
         bar.refresh()
 
     start = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     rows, checks = [], []
     try:
         if "ops" in suites:
@@ -76,12 +80,16 @@ def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=N
         if bar is not None:
             bar.update(bar.total - bar.n)
             bar.close()
-    elapsed = time.perf_counter() - start
+    end = time.perf_counter()
+    elapsed = end - start
+    phase_s = {label: round(t1 - t0, 1) for (label, t0), (_, t1) in zip(phases, phases[1:] + [(None, end)])}
     rows += checks
     machine = timing.machine_info(device)
     machine["torch_threads"] = used_threads
     machine["elapsed_s"] = round(elapsed, 1)
-    config = {"device": str(device), "mode": mode, "quick": quick, "compile": compile, "suites": sorted(suites)}
+    machine["load_average_1m_at_start"] = load_start
+    config = {"device": str(device), "mode": mode, "quick": quick, "compile": compile, "suites": sorted(suites),
+              "phase_seconds": phase_s}
     print(timing.machine_line(machine), file=stream)
     print(timing.format_table(rows), file=stream)
     paths = timing.write_outputs(out, f"bench_{torch.device(device).type}", rows, machine, config,

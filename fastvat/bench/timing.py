@@ -105,15 +105,15 @@ def measure_many(fns: dict, *, device="cpu", min_run_time=1.0, rounds=3, min_rep
               for n in names}
     slow = {n for n in names if first[n] * 10 * rounds >= min_run_time}
     samples = {n: [] for n in names}
-    # slow functions: the same number of calls each round, one call per function in turn
-    if slow:
-        reps = max(min_reps, max(math.ceil(min_run_time / max(first[n], 1e-9)) for n in slow))
-        reps = int(min(reps, max_reps))
-        per_round = max(1, math.ceil(reps / rounds))
-    for r in range(rounds):
+    # slow functions: ceil(min_run_time / t) calls each (at least min_reps), spread over the rounds
+    per_round = {}
+    for n in slow:
+        reps = int(min(max(min_reps, math.ceil(min_run_time / max(first[n], 1e-9))), max_reps))
+        per_round[n] = max(1, math.ceil(reps / rounds))
+    for _ in range(rounds):
         for n in names:
             if n in slow:
-                for _ in range(per_round):
+                for _ in range(per_round[n]):
                     samples[n].append(timers[n].timeit(1).median)
             else:
                 m = timers[n].blocked_autorange(min_run_time=min_run_time / rounds)
