@@ -246,13 +246,28 @@ class OutputTarget(_EmbeddingTarget):
         r = self.realise_for(tuple(output.shape), output.detach())
         return output + r
 
+    def _patched_forward(self, *args, **kwargs):
+        m = self.module
+        return self._hook(m, args, type(m).forward(m, *args, **kwargs))
+
     @contextlib.contextmanager
     def installed(self):
-        handle = self.module.register_forward_hook(self._hook)
-        try:
-            yield
-        finally:
-            handle.remove()
+        m = self.module
+        # r is added by an instance-level forward rather than a forward hook: torch.compile guards
+        # on a module's forward but, by default, not on hooks added after the first compiled call.
+        # An embedding whose forward is already patched on the instance keeps it and gets a hook.
+        if "forward" not in m.__dict__:
+            m.forward = self._patched_forward
+            try:
+                yield
+            finally:
+                del m.forward
+        else:
+            handle = m.register_forward_hook(self._hook)
+            try:
+                yield
+            finally:
+                handle.remove()
 
 
 class WeightTarget(_EmbeddingTarget):
