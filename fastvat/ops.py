@@ -214,6 +214,8 @@ def _kl_setup(ctx, inputs, output):
     # Being non-differentiable it has no grad_fn, so ctx -> grad makes no reference cycle.
     ctx.mark_non_differentiable(grad)
     ctx.grad = grad
+    # Without this, autograd would hand backward an [N, C] tensor of zeros for the unused output.
+    ctx.set_materialize_grads(False)
 
 
 def _kl_backward(ctx, grad_rows, _grad_of_grad):

@@ -55,6 +55,7 @@ class Ctx:
         self.compile_cap_s = compile_cap_s
         self.dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
         self.compile_dtypes = tuple(self.dtypes)
+        self.half_cases = None  # cases run for bfloat16/float16 (None: all)
         self.progress = progress
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         # min_run_time: seconds of timing per variant, spread over `rounds` interleaved rounds
@@ -65,7 +66,7 @@ class Ctx:
         elif mode == "full":
             self.min_run_time, self.rounds = 2.0, 4
         else:
-            self.min_run_time, self.rounds = 0.8, 3
+            self.min_run_time, self.rounds = 0.6, 3
 
     def randn(self, *shape, dtype=torch.float32):
         return torch.randn(*shape, generator=self.gen, dtype=torch.float32).to(device=self.device, dtype=dtype)
@@ -294,21 +295,26 @@ def case_gather(ctx, dtype):
     return [r]
 
 
-def run(ctx, cases=("perturb", "l2", "kl", "gather")):
-    """All op cases for every dtype of ``ctx``; returns rows (each case's errors become a note)."""
-    rows = []
+def _plan(ctx, cases):
     plan = []
     for dt in ctx.dtypes:
-        if "perturb" in cases:
+        wanted = cases if dt == torch.float32 or ctx.half_cases is None else [c for c in cases if c in ctx.half_cases]
+        if "perturb" in wanted:
             plan.append((f"perturb_ {_dtname(dt)}", lambda dt=dt: case_perturb(ctx, dt)))
-        if "l2" in cases:
+        if "l2" in wanted:
             for norm in ("sample", "token", "global"):
                 plan.append((f"l2_normalize {norm} {_dtname(dt)}", lambda dt=dt, n=norm: case_l2(ctx, dt, n)))
-        if "kl" in cases:
+        if "kl" in wanted:
             plan.append((f"kl_div fwd+bwd {_dtname(dt)}", lambda dt=dt: case_kl(ctx, dt)))
-        if "gather" in cases:
+        if "gather" in wanted:
             plan.append((f"gather_add fwd+bwd {_dtname(dt)}", lambda dt=dt: case_gather(ctx, dt)))
-    for label, fn in plan:
+    return plan
+
+
+def run(ctx, cases=("perturb", "l2", "kl", "gather")):
+    """All op cases for the dtypes of ``ctx``; returns rows (each case's errors become a note)."""
+    rows = []
+    for label, fn in _plan(ctx, cases):
         ctx.tick(label)
         try:
             rows.extend(fn())
@@ -319,8 +325,7 @@ def run(ctx, cases=("perturb", "l2", "kl", "gather")):
 
 
 def plan_size(ctx, cases=("perturb", "l2", "kl", "gather")):
-    per_dtype = ("perturb" in cases) + 3 * ("l2" in cases) + ("kl" in cases) + ("gather" in cases)
-    return per_dtype * len(ctx.dtypes)
+    return len(_plan(ctx, cases))
 
 
 def summary_checks(rows):
@@ -347,6 +352,7 @@ def main(argv=None):
     ap.add_argument("--cases", default="perturb,l2,kl,gather")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
+    timing.stable_malloc()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_ops: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2

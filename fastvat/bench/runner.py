@@ -4,8 +4,8 @@ Modes (sizes and repeats):
   --smoke   tiny shapes and models, one repeat, no torch.compile (seconds; for tests);
   --quick   the default shapes with fewer repeats, no sweep;
   default   op shapes of the issues except kl_div ([1024, 30522] instead of [4096, 30522]),
-            torch.compile baselines for float32 ops, BERT step, weight mode at 30k and 250k,
-            a small sweep; about 3 minutes on 2 CPU threads;
+            bfloat16 for perturb_ and l2_normalize only, torch.compile baselines for float32 ops,
+            BERT step, weight mode at 30k and 250k, one sweep point; under 3 minutes on 2 CPU threads;
   --full    the issues' shapes, more repeats, torch.compile everywhere (the step too), the
             MiniLM-L6 model when installed, the full sweep (tens of minutes on 2 CPU threads).
 """
@@ -23,6 +23,7 @@ from fastvat.bench import op_bench, step_bench, timing
 def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=None, progress=True,
         only=None, stream=None):
     stream = stream or sys.stdout
+    timing.stable_malloc()
     op_mode = {"smoke": "smoke", "quick": "default", "default": "default", "full": "full"}[mode]
     step_mode = {"smoke": "smoke", "quick": "default", "default": "default", "full": "full"}[mode]
     quick = quick or mode == "quick"
@@ -54,6 +55,7 @@ def run(*, device="cpu", mode="default", quick=False, out="bench_out", compile=N
                         compile_cap_s=60.0 if mode != "full" else 180.0)
     if mode != "full":
         octx.compile_dtypes = (torch.float32,)
+        octx.half_cases = ("perturb", "l2")  # bf16 kl_div and gather_add: --full
     sctx = step_bench.Ctx(device, step_mode, quick=quick, compile=(mode == "full" and compile is not False),
                           progress=ticker, minilm=(mode == "full"))
     if mode == "quick":
