@@ -349,3 +349,23 @@ def test_nothing_lost(index, fail_on_call):
         with pytest.raises(RuntimeError, match="boom"):
             reg(ids, **kwargs)
     _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("xi,min_cos", [(1e-1, 0.995), (1e-2, 0.995)])
+def test_default_xi_gives_the_hessian_direction_in_float32(xi, min_cos):
+    """Why the per-sample defaults use xi=0.1: one float32 finite-difference power step from a given
+    start matches the exact (float64) H·d; the VAT paper's 1e-6 is below float32 resolution here."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    x = torch.randn(8, 20)
+    seed = 9
+    d0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    r = fastvat.VAT(model, xi=xi, eps=1.0, iters=1, norm="sample",
+                    generator=torch.Generator().manual_seed(seed)).perturbation(x)
+    m64 = model.double()
+    for i in range(x.shape[0]):
+        xi_ = x[i : i + 1].double()
+        p = m64(xi_).detach()
+        h = torch.autograd.functional.hessian(lambda z: _kl(p, m64(xi_ + z.reshape(1, 20))), torch.zeros(20, dtype=torch.float64))
+        assert _cos(r[i].double(), h @ d0[i].double()) > min_cos
+    model.float()
