@@ -217,6 +217,23 @@ class _EmbeddingTarget(Target):
         self._attention_mask = am if isinstance(am, torch.Tensor) else None
         return args, kwargs
 
+    @contextlib.contextmanager
+    def _forward_or_hook(self, forward, patch):
+        """For one pass: `forward` set on the embedding instance when `patch`, else self._hook."""
+        m = self.module
+        if patch:
+            m.forward = forward
+            try:
+                yield
+            finally:
+                del m.forward
+        else:
+            handle = m.register_forward_hook(self._hook)
+            try:
+                yield
+            finally:
+                handle.remove()
+
     def row_mask_for(self, logits):
         am = self._attention_mask
         if am is not None and logits.dim() >= 2 and tuple(am.shape) == tuple(logits.shape[:-1]):
@@ -252,22 +269,11 @@ class OutputTarget(_EmbeddingTarget):
 
     @contextlib.contextmanager
     def installed(self):
-        m = self.module
         # r is added by an instance-level forward rather than a forward hook: torch.compile guards
         # on a module's forward but, by default, not on hooks added after the first compiled call.
         # An embedding whose forward is already patched on the instance keeps it and gets a hook.
-        if "forward" not in m.__dict__:
-            m.forward = self._patched_forward
-            try:
-                yield
-            finally:
-                del m.forward
-        else:
-            handle = m.register_forward_hook(self._hook)
-            try:
-                yield
-            finally:
-                handle.remove()
+        with self._forward_or_hook(self._patched_forward, "forward" not in self.module.__dict__):
+            yield
 
 
 class WeightTarget(_EmbeddingTarget):
@@ -340,18 +346,8 @@ class WeightTarget(_EmbeddingTarget):
         # or by another fastvat call running around this one): that patch is left untouched.
         plain = (type(m) is nn.Embedding and m.max_norm is None and not m.sparse
                  and "forward" not in m.__dict__)
-        if plain:
-            m.forward = self._fused_forward
-            try:
-                yield
-            finally:
-                del m.forward
-        else:
-            handle = m.register_forward_hook(self._hook)
-            try:
-                yield
-            finally:
-                handle.remove()
+        with self._forward_or_hook(self._fused_forward, plain):
+            yield
 
     def dense(self, r):
         w = self.module.weight
