@@ -185,5 +185,18 @@ __device__ __forceinline__ A norm_factor(A ss, A scale) {
   return ss > A(0) ? scale / ::sqrt(ss) : A(0);
 }
 
+// [a, e) = head scalars [a, h), VEC-vectors [h, be), tail scalars [be, e); indices that are
+// multiples of VEC are 16-byte aligned (the caller checked the base pointers).
+struct Span {
+  int64_t h, be;
+};
+template <int VEC>
+__device__ __forceinline__ Span split_span(int64_t a, int64_t e) {
+  int64_t h = ((a + VEC - 1) / VEC) * VEC;
+  if (h > e) h = e;
+  const int64_t be = h + ((e - h) / VEC) * VEC;
+  return {h, be};
+}
+
 }  // namespace cuda
 }  // namespace fastvat

@@ -27,17 +27,6 @@ namespace fastvat {
 namespace cuda {
 namespace {
 
-struct Span {
-  int64_t h, be;
-};
-template <int VEC>
-__device__ __forceinline__ Span split_span(int64_t a, int64_t e) {
-  int64_t h = ((a + VEC - 1) / VEC) * VEC;
-  if (h > e) h = e;
-  const int64_t be = h + ((e - h) / VEC) * VEC;
-  return {h, be};
-}
-
 template <typename A>
 struct Online {
   A mp, zp, sp, mq, zq;

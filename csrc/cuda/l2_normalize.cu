@@ -68,19 +68,6 @@ __device__ __forceinline__ void store_scaled(T* out, int64_t i, const acc_t<T> (
   store_pack<T, VEC>(out + i, p);
 }
 
-// [a, e) = head scalars [a, h), VEC-vectors [h, be), tail scalars [be, e); indices that are
-// multiples of VEC are 16-byte aligned (the caller checked the base pointers).
-struct Span {
-  int64_t h, be;
-};
-template <int VEC>
-__device__ __forceinline__ Span split_span(int64_t a, int64_t e) {
-  int64_t h = ((a + VEC - 1) / VEC) * VEC;
-  if (h > e) h = e;
-  const int64_t be = h + ((e - h) / VEC) * VEC;
-  return {h, be};
-}
-
 // ------------------------------------------------------------------------------------------
 // Row kernels: TEAM threads per group (32: a warp, 8 groups per block; else the whole block),
 // VPT cached VEC-vectors per thread. Needs G / VEC <= TEAM * VPT.
