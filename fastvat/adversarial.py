@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from fastvat import _checks, ops
+from fastvat import _checks, _nonfinite, ops
 from fastvat import reference as ref
 from fastvat._model_io import extract_logits
 from fastvat._regularizer import Regularizer
+
+
+# Where a NaN/Inf appeared, as nonfinite="raise" names it (fastvat/_nonfinite.py, docs/reliability.md §3).
+LOSS_AT_X = "the loss at x (the unperturbed input)"
+ADVERSARIAL = "the adversarial pass (the loss at x + r_adv)"
 
 
 def _model_loss(output):
@@ -22,7 +27,9 @@ def _model_loss(output):
 
 
 class _Supervised(Regularizer):
-    def __init__(self, model, loss_fn=None, embedding=None, *, eps=1.0, norm=None, target=None, generator=None):
+    def __init__(self, model, loss_fn=None, embedding=None, *, eps=1.0, norm=None, target=None, generator=None,
+                 nonfinite="raise"):
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
         # With loss_fn=None the model computes its own loss, so it must see the labels.
@@ -44,13 +51,41 @@ class _Supervised(Regularizer):
         if self.loss_fn is not None and y is None:
             raise ValueError("y (the targets passed to loss_fn) is required")
 
-    def _grad(self, args, kwargs, y):
+    def _grad(self, args, kwargs, y, checks, loss_where, grad_where):
+        """g = d loss / d r at the current r. Unless nonfinite="ignore", appends (where, finite?, is the
+        gradient) for the loss and for g to ``checks`` — 0-dim bool tensors, no host sync."""
         with torch.enable_grad():
             loss = self._loss(args, kwargs, y)
             r = self._target.current
             g = torch.autograd.grad(loss, r, allow_unused=True)[0] if loss.requires_grad else None
         # A loss that does not depend on r has a zero gradient (and then a zero-norm step, not NaN).
-        return torch.zeros_like(r) if g is None else g
+        g = torch.zeros_like(r) if g is None else g
+        if self.nonfinite != "ignore":
+            checks.append((loss_where, _nonfinite.finite(loss), False))
+            checks.append((grad_where, _nonfinite.finite(g), True))
+        return g
+
+    def _zero_perturbation(self, checks):
+        """nonfinite="zero": whether a gradient was non-finite (one host check), so that the caller uses a
+        zero perturbation; warns unless the loss at x itself failed (the final loss check reports that)."""
+        if self.nonfinite != "zero" or bool(_nonfinite.all_true([ok for _, ok, grad in checks if grad])):
+            return False
+        where = _nonfinite.first_bad(checks)
+        if where != LOSS_AT_X:
+            _nonfinite.warn_zero_perturbation(type(self).__name__, where, stacklevel=3)
+        return True
+
+    def _final_loss(self, args, kwargs, y, checks):
+        """The loss at x + r_adv, checked: "raise" every pass's loss and gradient and this loss (one host
+        check); "zero" the loss at x and this loss (a bad gradient already became a zero perturbation)."""
+        loss = self._loss(args, kwargs, y)
+        if self.nonfinite == "ignore":
+            return loss
+        if self.nonfinite == "zero":
+            checks = [c for c in checks if c[0] == LOSS_AT_X]
+        ok = _nonfinite.all_true([c[1] for c in checks]) if checks else None
+        return _nonfinite.checked_loss(type(self).__name__, self.nonfinite, loss, ok,
+                                       lambda: _nonfinite.first_bad(checks) or ADVERSARIAL, stacklevel=3)
 
 
 class FGM(_Supervised):
@@ -59,6 +94,9 @@ class FGM(_Supervised):
     ``fgm = fastvat.FGM(model, F.cross_entropy, embedding=model.get_input_embeddings())``;
     ``loss = loss_clean + fgm(input_ids, attention_mask=m, y=labels)``. With ``loss_fn=None`` the
     model's own ``.loss`` is used (Hugging Face models called with ``labels=``).
+    ``nonfinite`` (as VAT's): ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf
+    appeared (the loss at x, its gradient, the adversarial pass); ``"zero"`` a zero perturbation for a
+    non-finite gradient (or a zero loss), with a warning; ``"ignore"`` skips the check.
     """
 
     def __call__(self, *args, y=None, **kwargs):
@@ -66,18 +104,23 @@ class FGM(_Supervised):
         with self._call(args, kwargs) as (args, kwargs):
             t = self._target
             t.zeros(requires_grad=True)
-            g = self._grad(args, kwargs, y)
+            checks = []
+            g = self._grad(args, kwargs, y, checks, LOSS_AT_X, "the gradient of the loss at x")
+            if self._zero_perturbation(checks):
+                g = torch.zeros_like(g)
             t.direction(g, self.eps)
-            return self._loss(args, kwargs, y)
+            return self._final_loss(args, kwargs, y, checks)
 
 
 class PGD(_Supervised):
     """Projected gradient descent: ``steps`` ascent steps of size ``alpha`` (normalised gradient),
-    each projected back onto the ball ``||r|| <= eps`` per norm group; returns the loss at x + r."""
+    each projected back onto the ball ``||r|| <= eps`` per norm group; returns the loss at x + r.
+    ``nonfinite`` as FGM's: a non-finite gradient in any step gives a zero perturbation under ``"zero"``."""
 
     def __init__(self, model, loss_fn=None, embedding=None, *, eps=1.0, alpha=None, steps=3, random_start=False,
-                 norm=None, target=None, generator=None):
-        super().__init__(model, loss_fn, embedding, eps=eps, norm=norm, target=target, generator=generator)
+                 norm=None, target=None, generator=None, nonfinite="raise"):
+        super().__init__(model, loss_fn, embedding, eps=eps, norm=norm, target=target, generator=generator,
+                         nonfinite=nonfinite)
         self.steps = _checks.nonnegative_int("steps", steps)
         if self.steps == 0:
             raise ValueError("steps must be >= 1")
@@ -100,9 +143,19 @@ class PGD(_Supervised):
                 t.random(self.eps, requires_grad=True)
             else:
                 t.zeros(requires_grad=True)
+            checks = []
             for step in range(self.steps):
-                g = self._grad(args, kwargs, y)
+                g = self._grad(args, kwargs, y, checks, *self._places(step))
                 r = t.current.detach()
                 r = self._project(r + ops.l2_normalize(g, scale=self.alpha, norm=self.norm, mask=t.mask))
                 t.value(r, requires_grad=step + 1 < self.steps)
-            return self._loss(args, kwargs, y)
+            if self._zero_perturbation(checks):
+                t.value(torch.zeros_like(r))
+            return self._final_loss(args, kwargs, y, checks)
+
+    def _places(self, step):
+        """Where the loss and the gradient of ascent step ``step`` are, for nonfinite's messages."""
+        which = f"ascent step {step + 1} of {self.steps}"
+        if step == 0 and not self.random_start:
+            return LOSS_AT_X, f"the gradient of the loss at x ({which})"
+        return f"{which} (the loss at x + r)", f"{which} (the gradient of the loss at x + r)"

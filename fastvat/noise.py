@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvat import _checks, ops
+from fastvat import _checks, _nonfinite, ops
 from fastvat._model_io import extract_logits
 from fastvat._regularizer import Regularizer
 
@@ -18,10 +18,15 @@ class RandomNoise(Regularizer):
 
         noise = fastvat.RandomNoise(model, eps=0.5, k=2)
         loss = loss_sup + noise(x)
+
+    ``nonfinite`` (as VAT's): ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf
+    appeared (clean logits, or which noisy pass); ``"zero"`` a zero loss for that call, with a warning
+    (the noise itself is always finite, so there is no direction to zero); ``"ignore"`` skips the check.
     """
 
     def __init__(self, model, embedding=None, *, eps=1.0, sigma=None, k=1, loss_fn=None, norm=None, target=None,
-                 generator=None, drop_labels=True):
+                 generator=None, drop_labels=True, nonfinite="raise"):
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels)
         if sigma is not None:
             self.sigma = _checks.finite_number("sigma", sigma, positive=True)
@@ -42,15 +47,35 @@ class RandomNoise(Regularizer):
         with self._call(args, kwargs) as (args, kwargs):
             p = None if self.loss_fn is not None else self._clean_logits(args, kwargs, logits)
             t = self._target
+            check = self.nonfinite != "ignore"
+            checks = []  # (where, 0-dim bool) per pass: no host sync until the end
+            if check and p is not None:
+                checks.append((_nonfinite.GIVEN if logits is not None else _nonfinite.CLEAN,
+                               ~_nonfinite.bad_logits(p)))
             total = 0.0
-            for _ in range(self.k):
+            for i in range(self.k):
                 if self.sigma is not None:
                     t.gaussian(self.sigma)
                 else:
                     t.random(self.eps)
                 q = self._forward(args, kwargs)
                 if self.loss_fn is None:
-                    total = total + ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+                    term = ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
                 else:
-                    total = total + self.loss_fn(q, y)
-            return total / self.k
+                    term = self.loss_fn(q, y)
+                if check:
+                    checks.append((self._where(i), _nonfinite.finite(term)))
+                total = total + term
+            loss = total / self.k
+            if not check:
+                return loss
+            # One host check per call; on failure, the first non-finite place (clean logits or which pass).
+            return _nonfinite.checked_loss("RandomNoise", self.nonfinite, loss,
+                                           _nonfinite.all_true([ok for _, ok in checks]),
+                                           lambda: _nonfinite.first_bad(checks) or "the average over the passes",
+                                           stacklevel=2)
+
+    def _where(self, i):
+        what = "loss_fn of the model's logits" if self.loss_fn is not None else "the model's logits"
+        which = "" if self.k == 1 else f" {i + 1} of {self.k}"
+        return f"the noisy pass{which} ({what} at x + r)"

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from fastvat import _checks
+from fastvat import _checks, _nonfinite
 from fastvat._regularizer import Regularizer
 
 FORMS = ("kl", "mse")
 ESTIMATORS = ("rademacher", "exact")
+LOGITS = "the model's logits at x"
+GRADIENT = "the input gradient (the gradient of the model's outputs at x)"
 
 
 def _grad_or_zero(y, r):
@@ -27,10 +29,14 @@ class GradientPenalty(Regularizer):
     estimate whose cost does not grow with the number of outputs.
     The gradient is per example, which assumes the model mixes no information across the
     batch (BatchNorm in train mode does; use eval-mode BN or accept the approximation).
+    ``nonfinite`` (as VAT's): ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf
+    appeared (the logits or their input gradient); ``"zero"`` a zero penalty for that call, with a
+    warning; ``"ignore"`` skips the check.
     """
 
     def __init__(self, model, embedding=None, *, form="kl", estimator="rademacher", samples=1, target=None,
-                 generator=None, drop_labels=True):
+                 generator=None, drop_labels=True, nonfinite="raise"):
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         super().__init__(model, embedding, norm=None, target=target, generator=generator, drop_labels=drop_labels)
         if self.target == "weight":
             raise ValueError("target 'weight' has no per-example input gradient; use 'input' or 'output'")
@@ -63,11 +69,19 @@ class GradientPenalty(Regularizer):
                     for c in range(out.shape[-1]):
                         g = _grad_or_zero(out[..., c].sum(), r)
                         total = total + self._per_example_sqnorm(g)
-                    return total.sum() / max(total.numel(), 1)  # an empty batch gives 0, not NaN
-                total = 0.0
-                for _ in range(self.samples):
-                    u = torch.randint(0, 2, out.shape, generator=self.generator, device="cpu").to(out.device)
-                    u = u.to(out.dtype) * 2 - 1
-                    g = _grad_or_zero((u * out).sum(), r)
-                    total = total + self._per_example_sqnorm(g)
-                return (total / self.samples).sum() / max(total.numel(), 1)
+                    penalty = total.sum() / max(total.numel(), 1)  # an empty batch gives 0, not NaN
+                else:
+                    total = 0.0
+                    for _ in range(self.samples):
+                        u = torch.randint(0, 2, out.shape, generator=self.generator, device="cpu").to(out.device)
+                        u = u.to(out.dtype) * 2 - 1
+                        g = _grad_or_zero((u * out).sum(), r)
+                        total = total + self._per_example_sqnorm(g)
+                    penalty = (total / self.samples).sum() / max(total.numel(), 1)
+            if self.nonfinite == "ignore":
+                return penalty
+            # One host check: the penalty and the logits (a NaN logit need not reach the gradient, e.g.
+            # in the "mse" form, where d(u·f)/df = u whatever f is).
+            return _nonfinite.checked_loss(
+                "GradientPenalty", self.nonfinite, penalty, ~_nonfinite.bad_logits(f.detach()),
+                lambda: LOGITS if bool(_nonfinite.bad_logits(f.detach())) else GRADIENT, stacklevel=2)

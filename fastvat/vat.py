@@ -1,11 +1,9 @@
 """Virtual adversarial training: ``fastvat.VAT`` and the drop-in ``fastvat.VATLoss``."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from fastvat import _checks, _hvp, ops
+from fastvat import _checks, _hvp, _nonfinite, ops
 from fastvat._regularizer import Regularizer
 
 # Defaults per target (see README "Choosing eps and xi"):
@@ -22,16 +20,11 @@ DEFAULTS = {
     "input": {"xi": 1e-1, "eps": 1.0},
 }
 
-# What a NaN/Inf in the logits or the power-iteration gradient does (docs/reliability.md):
-# "raise" a FloatingPointError naming where it appeared (one host check of the loss per call);
-# "zero": a zero perturbation / zero loss for that call, with a RuntimeWarning;
-# "ignore": no check, no host sync (e.g. under CUDA graph capture) — the caller checks the loss.
-NONFINITE = ("raise", "zero", "ignore")
-
-
-def _bad_logits(z):
-    """A 0-dim bool tensor: z holds NaN or +Inf. (-Inf is a masked class, probability 0: allowed.)"""
-    return (torch.isnan(z) | torch.isposinf(z)).any()
+# What a NaN/Inf in the logits or the power-iteration gradient does: fastvat/_nonfinite.py
+# (shared with the other regularizers) and docs/reliability.md §3.
+NONFINITE = _nonfinite.MODES
+POWER = "the power iteration (the model's logits or their gradient at x + xi*d)"
+ADVERSARIAL = "the adversarial pass (the model's logits at x + r_adv)"
 
 
 class VAT(Regularizer):
@@ -138,42 +131,30 @@ class VAT(Regularizer):
                 )
             return r
 
-    # -- NaN / Inf (nonfinite=) -------------------------------------------------------------
+    # -- NaN / Inf (nonfinite=, fastvat/_nonfinite.py) ------------------------------------------
     def _finite_direction(self, d, p):
         """nonfinite="zero": a power-iteration direction holding NaN/Inf becomes a zero perturbation."""
-        if self.nonfinite != "zero" or d is None or bool(torch.isfinite(d).all()):
+        if self.nonfinite != "zero":
             return d
-        if not bool(_bad_logits(p)):  # else the loss check reports the clean logits
-            warnings.warn(
-                "VAT: non-finite value (NaN or Inf) in the power iteration (the model's logits or their gradient "
-                "at x + xi*d); using a zero perturbation for this call (nonfinite='zero')",
-                RuntimeWarning, stacklevel=3,
-            )
-        return torch.zeros_like(d)
+        # No warning when the clean logits are bad: the loss check reports those (and zeroes the loss).
+        return _nonfinite.zero_direction("VAT", d, POWER, warn=lambda: not bool(_nonfinite.bad_logits(p)),
+                                         stacklevel=3)
 
     @staticmethod
     def _where_nonfinite(p, d, given):
-        if bool(_bad_logits(p)):
-            return ("the logits passed as logits=" if given
-                    else "the clean logits (the model's output at the unperturbed input)")
-        if d is not None and not bool(torch.isfinite(d).all()):
-            return "the power iteration (the model's logits or their gradient at x + xi*d)"
-        return "the adversarial pass (the model's logits at x + r_adv)"
+        if bool(_nonfinite.bad_logits(p)):
+            return _nonfinite.GIVEN if given else _nonfinite.CLEAN
+        if d is not None and not bool(_nonfinite.finite(d)):
+            return POWER
+        return ADVERSARIAL
 
     def _finite_loss(self, loss, p, d, given):
         """One host check (of the loss and the clean logits, which a KL that takes 0·log 0 = 0 may not
         pass on to the loss); on NaN/Inf find where it came from, then raise or zero it."""
-        if self.nonfinite == "ignore" or bool(torch.isfinite(loss) & ~_bad_logits(p)):
+        if self.nonfinite == "ignore":
             return loss
-        where = self._where_nonfinite(p, d, given)
-        if self.nonfinite == "raise":
-            raise FloatingPointError(
-                f"VAT: non-finite value (NaN or Inf) in {where} (the loss is {float(loss.detach())}); "
-                "pass nonfinite='zero' to skip such calls with a warning"
-            )
-        warnings.warn(f"VAT: non-finite value (NaN or Inf) in {where}; returning a zero loss for this call "
-                      "(nonfinite='zero')", RuntimeWarning, stacklevel=3)
-        return torch.zeros_like(loss)
+        return _nonfinite.checked_loss("VAT", self.nonfinite, loss, ~_nonfinite.bad_logits(p),
+                                       lambda: self._where_nonfinite(p, d, given), stacklevel=3)
 
 
 class VATLoss:

@@ -250,6 +250,14 @@ def _user_cases():
                                                              ValueError, r"^target must be one of"))(_text())
     c["VAT/unknown nonfinite"] = lambda: (lambda m: _model_case(m, lambda: fastvat.VAT(m, nonfinite="nan"),
                                                                 ValueError, r"^nonfinite must be one of"))(_mlp())
+    for cls, make in [("RandomNoise", lambda m, nf: fastvat.RandomNoise(m, nonfinite=nf)),
+                      ("GradientPenalty", lambda m, nf: fastvat.GradientPenalty(m, nonfinite=nf)),
+                      ("FGM", lambda m, nf: fastvat.FGM(m, F.cross_entropy, nonfinite=nf)),
+                      ("PGD", lambda m, nf: fastvat.PGD(m, F.cross_entropy, nonfinite=nf))]:
+        for nf in ("nan", None):
+            c[f"{cls}/nonfinite={nf!r}"] = (lambda make, nf: lambda: (lambda m: _model_case(
+                m, lambda: make(m, nf), ValueError,
+                rf"^nonfinite must be one of 'raise', 'zero', 'ignore'; got {nf!r}$"))(_mlp()))(make, nf)
     c["VAT/weight target, sample norm"] = lambda: (lambda m: _model_case(
         m, lambda: fastvat.VAT(m, m.emb, target="weight", norm="sample"), ValueError,
         r"^norm must be one of 'global', 'token'"))(_text())
@@ -477,3 +485,15 @@ def test_empty_batch_other_regularizers(reg_cls):
         loss = reg_cls(model, lambda q, y: F.cross_entropy(q, y, reduction="sum"))(
             torch.randn(0, 5), y=torch.zeros(0, dtype=torch.long))
         assert float(loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("reg_cls", [fastvat.FGM, fastvat.PGD])
+def test_empty_batch_with_a_mean_loss_is_nonfinite(reg_cls):
+    """F.cross_entropy's mean of an empty batch is NaN: nonfinite="raise" (default) says so, "ignore" returns it."""
+    model = _mlp()
+    x, y = torch.randn(0, 5), torch.zeros(0, dtype=torch.long)
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match=r"non-finite value \(NaN or Inf\) in the loss at x"):
+        reg_cls(model, F.cross_entropy)(x, y=y)
+    assert_unchanged(before, snapshot(model))
+    assert torch.isnan(reg_cls(model, F.cross_entropy, nonfinite="ignore")(x, y=y))

@@ -2,10 +2,11 @@
 
 Contract: a call that raises leaves no trace — hooks removed, the weight target's patched forward
 gone, weights bit-identical and never written (out-of-place modes), .grad, BatchNorm statistics,
-training flags and the RNGs as they were. NaN/Inf never becomes a silent NaN loss: VAT's
-``nonfinite`` option raises (default) a FloatingPointError naming where it appeared, or zeroes
-the perturbation with a warning, or (``"ignore"``) skips the check.
+training flags and the RNGs as they were. NaN/Inf never becomes a silent NaN loss: every
+regularizer's ``nonfinite`` option raises (default) a FloatingPointError naming where it appeared,
+or zeroes the perturbation (or the loss) with a warning, or (``"ignore"``) skips the check.
 """
+import re
 import warnings
 
 import pytest
@@ -42,6 +43,7 @@ class Faulty(nn.Module):
         self.bad_from = None  # logits non-finite from this call on
         self.bad_value = float("nan")
         self.bad_grad_from = None  # gradient through the hidden layer non-finite from this call on
+        self.bad_grad_value = float("inf")
 
     def forward(self, x, attention_mask=None):
         self.calls += 1
@@ -52,7 +54,7 @@ class Faulty(nn.Module):
         if self.fail_backward_on == call and h.requires_grad:
             h.register_hook(lambda g: (_ for _ in ()).throw(Boom(f"backward failed on call {call}")))
         if self.bad_grad_from is not None and call >= self.bad_grad_from and h.requires_grad:
-            h.register_hook(lambda g: torch.full_like(g, float("inf")))
+            h.register_hook(lambda g: torch.full_like(g, self.bad_grad_value))
         out = self.fc(self.drop(self.bn(h)))
         if self.bad_from is not None and call >= self.bad_from:
             out = out + self.bad_value
@@ -256,6 +258,154 @@ def test_finite_calls_are_unaffected_by_the_option():
 
 
 # ------------------------------------------------------------------------------------------------
+# NaN / Inf in RandomNoise, GradientPenalty, FGM and PGD: the same nonfinite= as VAT's
+# ------------------------------------------------------------------------------------------------
+OTHERS = {
+    "RandomNoise": lambda m, kw: fastvat.RandomNoise(m, k=2, **kw),
+    "RandomNoise-loss_fn": lambda m, kw: fastvat.RandomNoise(m, k=2, loss_fn=F.cross_entropy, **kw),
+    "GradientPenalty": lambda m, kw: fastvat.GradientPenalty(m, **kw),
+    "GradientPenalty-mse": lambda m, kw: fastvat.GradientPenalty(m, form="mse", estimator="exact", **kw),
+    "FGM": lambda m, kw: fastvat.FGM(m, F.cross_entropy, **kw),
+    "PGD": lambda m, kw: fastvat.PGD(m, F.cross_entropy, steps=2, **kw),
+    "PGD-random-start": lambda m, kw: fastvat.PGD(m, F.cross_entropy, steps=2, random_start=True, **kw),
+}
+# (regularizer, fault, n, where the message must say it appeared, what nonfinite="zero" does). The fault
+# is NaN/Inf logits from the model's n-th forward on ("logits"), or an Inf gradient through its hidden
+# layer in the graph of the n-th forward on ("grad"). Passes: RandomNoise clean (without loss_fn), then
+# k=2 noisy; GradientPenalty one; FGM gradient, adversarial; PGD 2 ascent steps, adversarial.
+NONFINITE_CASES = [
+    ("RandomNoise", "logits", 1, r"the clean logits \(the model's output at the unperturbed input\)", "loss"),
+    ("RandomNoise", "logits", 2, r"the noisy pass 1 of 2 \(the model's logits at x \+ r\)", "loss"),
+    ("RandomNoise", "logits", 3, r"the noisy pass 2 of 2", "loss"),
+    ("RandomNoise-loss_fn", "logits", 1, r"the noisy pass 1 of 2 \(loss_fn of the model's logits", "loss"),
+    ("RandomNoise-loss_fn", "logits", 2, r"the noisy pass 2 of 2 \(loss_fn", "loss"),
+    ("GradientPenalty", "logits", 1, r"the model's logits at x", "loss"),
+    ("GradientPenalty", "grad", 1, r"the input gradient", "loss"),
+    # d(u·f)/df = u: a NaN logit never reaches the mse penalty, which stays finite; still an error
+    ("GradientPenalty-mse", "logits", 1, r"the model's logits at x", "loss"),
+    ("GradientPenalty-mse", "grad", 1, r"the input gradient", "loss"),
+    ("FGM", "logits", 1, r"the loss at x \(the unperturbed input\)", "loss"),
+    ("FGM", "logits", 2, r"the adversarial pass \(the loss at x \+ r_adv\)", "loss"),
+    ("FGM", "grad", 1, r"the gradient of the loss at x", "perturbation"),
+    ("PGD", "logits", 1, r"the loss at x \(the unperturbed input\)", "loss"),
+    ("PGD", "logits", 2, r"ascent step 2 of 2 \(the loss at x \+ r\)", "loss"),
+    ("PGD", "logits", 3, r"the adversarial pass", "loss"),
+    ("PGD", "grad", 1, r"the gradient of the loss at x \(ascent step 1 of 2\)", "perturbation"),
+    ("PGD", "grad", 2, r"ascent step 2 of 2 \(the gradient of the loss at x \+ r\)", "perturbation"),
+    ("PGD-random-start", "logits", 1, r"ascent step 1 of 2 \(the loss at x \+ r\)", "loss"),
+    ("PGD-random-start", "grad", 1, r"ascent step 1 of 2 \(the gradient", "perturbation"),
+]
+NONFINITE_COMBOS = [(c, t) for c in NONFINITE_CASES for t in TARGETS
+                    if not (c[0].startswith("GradientPenalty") and t == "weight")]
+_ids = [f"{c[0]}-{c[1]}{c[2]}-{t}" for c, t in NONFINITE_COMBOS]
+
+
+def _other(name, target, **kw):
+    tokens = target != "input"
+    model = _model(tokens)
+    return model, _inputs(tokens), OTHERS[name](model, {**TARGETS[target], **kw})
+
+
+def _fault(model, fault, n, bad_value=float("nan")):
+    model.calls = 0
+    if fault == "logits":
+        model.bad_from, model.bad_value = n, bad_value
+    else:
+        model.bad_grad_from, model.bad_grad_value = n, bad_value
+
+
+def _call_other(reg, x):
+    supervised = isinstance(reg, (fastvat.FGM, fastvat.PGD)) or getattr(reg, "loss_fn", None) is not None
+    return reg(x, y=Y) if supervised else reg(x)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("case,target", NONFINITE_COMBOS, ids=_ids)
+def test_other_regularizers_nonfinite_raise_names_where(case, target, bad_value):
+    name, fault, n, where, _ = case
+    g = torch.Generator().manual_seed(3)
+    model, x, reg = _other(name, target, generator=g)  # nonfinite="raise" is the default
+    assert reg.nonfinite == "raise"
+    _fault(model, fault, n, bad_value)
+    before = snapshot(model, generator=g)
+    cls = type(reg).__name__
+    with pytest.raises(FloatingPointError, match=rf"^{cls}: non-finite value \(NaN or Inf\) in {where}"):
+        _call_other(reg, x)
+    assert_unchanged(before, snapshot(model, generator=g))  # weights, .grad, BN, flags, hooks, RNGs
+    assert not reg._busy
+    model.bad_from = model.bad_grad_from = None  # and the regularizer still works afterwards
+    assert torch.isfinite(_call_other(reg, x))
+
+
+@pytest.mark.parametrize("case,target", NONFINITE_COMBOS, ids=_ids)
+def test_other_regularizers_nonfinite_zero(case, target):
+    name, fault, n, where, zeroed = case
+    model, x, reg = _other(name, target, nonfinite="zero")
+    model.eval()  # no dropout: the loss at a zero perturbation is exactly the loss at x
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), Y) if zeroed == "perturbation" else None
+    _fault(model, fault, n)
+    before = snapshot(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = _call_other(reg, x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any(re.search(where, m) for m in messages), messages
+    assert all(w.filename == __file__ for w in caught)  # the warning points at the caller's line
+    if zeroed == "perturbation":  # a non-finite gradient: r = 0, the loss at x, with a graph
+        assert messages == [m for m in messages if "using a zero perturbation for this call" in m]
+        assert torch.equal(loss.detach(), clean)
+        model.bad_grad_from = None
+        torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)  # .grad untouched
+    else:  # non-finite logits or penalty: a zero loss for this call
+        assert "returning a zero loss for this call" in messages[-1]
+        assert loss.shape == () and float(loss) == 0.0
+        if n == 1 and name != "PGD-random-start":  # the pass at x failed: one warning, not two
+            assert len(messages) == 1, messages
+    assert_unchanged(before, snapshot(model), rng=False)
+
+
+@pytest.mark.parametrize("case,target", NONFINITE_COMBOS, ids=_ids)
+def test_other_regularizers_nonfinite_ignore_does_not_check(case, target):
+    name, fault, n, _, _ = case
+    model, x, reg = _other(name, target, nonfinite="ignore")
+    _fault(model, fault, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = _call_other(reg, x)
+    if name == "GradientPenalty-mse" and fault == "logits":
+        assert torch.isfinite(loss)  # the case "raise" catches through the logits, not the penalty
+    else:
+        assert not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_other_regularizers_finite_calls_are_unaffected_by_the_option(name):
+    model = _model(False)
+    model.eval()
+    x = _inputs(False)
+    losses = []
+    for mode in ("raise", "zero", "ignore"):
+        g = torch.Generator().manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            losses.append(_call_other(OTHERS[name](model, {"nonfinite": mode, "generator": g}), x))
+    assert torch.isfinite(losses[0]) and float(losses[0].detach()) > 0
+    assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+
+
+@pytest.mark.parametrize("name", ["VAT"] + list(OTHERS))
+def test_nonfinite_warnings_point_at_the_caller(name):
+    make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
+    model, x = _model(False), _inputs(False)
+    reg = make(model, {"nonfinite": "zero"})
+    model.bad_from = 1
+    with pytest.warns(RuntimeWarning) as caught:
+        _call_other(reg, x)
+    assert [w.filename for w in caught] == [__file__] * len(caught)
+
+
+# ------------------------------------------------------------------------------------------------
 # Zero gradients: a zero-safe perturbation, never NaN
 # ------------------------------------------------------------------------------------------------
 class Ignores(nn.Module):
@@ -305,8 +455,9 @@ def test_zero_gradient_gives_zero_perturbation(cls, target):
         assert float(fastvat.GradientPenalty(model, **TARGETS[target])(x).detach()) == 0.0
 
 
+@pytest.mark.parametrize("name", ["VAT"] + list(OTHERS))
 @pytest.mark.parametrize("nonfinite", ["raise", "zero"])
-def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite):
+def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite, name):
     """-inf logits mean probability 0 (a masked class); NaN and +inf are errors."""
 
     class Masked(nn.Module):
@@ -322,6 +473,7 @@ def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite):
     model = Masked()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loss = fastvat.VAT(model, nonfinite=nonfinite)(torch.randn(8, 5))
+        make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
+        loss = _call_other(make(model, {"nonfinite": nonfinite}), torch.randn(8, 5))
     assert torch.isfinite(loss) and loss > 0
 
