@@ -230,6 +230,32 @@ def test_perturb_semantics(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_perturb_16bit_rounding_is_exact(device, dtype):
+    """delta = round(direction * f) bit for bit as torch rounds float32 -> dtype (nearest even,
+    ties included), and weight = round(weight + delta) for a zero start; f = scale / ||direction||
+    is made exact: every |direction| is a small dyadic number, so the norm's partial sums are exact."""
+    g = torch.Generator().manual_seed(0)
+    n = 3 * 16384 + 77  # several reduction chunks and a vector tail
+    mags = torch.tensor([1.0, 1.5, 1.25, 1.75, 0.5, 0.75, 2.0, 1.125])
+    d = (mags[torch.randint(0, 8, (n,), generator=g)] * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)).to(dtype)
+    # 1 + 2**-8 (+ 2**-11 for fp16) is halfway between two bf16 (fp16) neighbours of 1: d = 1 is a tie
+    f = 1.0 + 2.0 ** -8 if dtype == torch.bfloat16 else 1.0 + 2.0 ** -11
+    norm = d.double().norm().item()
+    scale = f * norm
+    assert float(torch.tensor(scale / norm, dtype=torch.float32)) == f
+    w = torch.zeros(n, dtype=dtype, device=device)
+    dd = d.to(device)
+    new = ops.perturb_(w, dd, scale=scale)
+    expected = (d.float() * f).to(dtype)
+    assert torch.equal(new.cpu(), expected), (new.cpu() != expected).sum()
+    assert torch.equal(w.cpu(), expected)
+    # ties rounded to even: d = +-1 gives exactly +-1
+    ones = d.abs() == 1
+    assert bool(ones.any()) and torch.equal(new.cpu()[ones].abs(), torch.ones(int(ones.sum()), dtype=dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_perturb_out_and_strided_buffers(device):
     w0 = randn(40, 12, device=device)
     d = randn(40, 12, device=device, seed=1)

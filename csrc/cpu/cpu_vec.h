@@ -131,6 +131,8 @@ struct VecIO {
   static inline void store(T* p, const V& v, int64_t n) { v.store(p, static_cast<int>(n)); }
   // The value after a round trip through T.
   static inline V round(const V& v) { return v; }
+  // Store of a value that round() returned (exactly representable in T).
+  static inline void store_exact(T* p, const V& v) { store(p, v); }
 };
 
 template <typename T>
@@ -162,8 +164,22 @@ struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
   }
   static inline __m128i pack(const V& v) { return at::vec::cvtfp32_bf16(__m256(v)); }
   static inline void store(T* p, const V& v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  // Round to nearest even in the fp32 domain (what pack then load gives, NaN -> 0xffff), without
+  // the 32->16 bit narrowing: the update loop rounds every value it also stores.
   static inline V round(const V& v) {
-    return V(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(pack(v)), 16)));
+    const __m256i u = _mm256_castps_si256(__m256(v));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                                       _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+    const __m256 ordered = _mm256_cmp_ps(__m256(v), __m256(v), _CMP_ORD_Q);
+    return V(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xffff0000u))),
+                              _mm256_castsi256_ps(r), ordered));
+  }
+  // The low 16 bits of a rounded value are zero: narrowing is a shift and a pack.
+  static inline void store_exact(T* p, const V& v) {
+    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(__m256(v)), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(hi, hi), 0xd8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
 #else
   static inline V load(const T* p) { return load(p, W); }
@@ -173,6 +189,7 @@ struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
     store(tmp, v);
     return load(tmp);
   }
+  static inline void store_exact(T* p, const V& v) { store(p, v); }
 #endif
 };
 
@@ -186,6 +203,7 @@ struct VecIO<c10::Half> : VecIO16<c10::Half> {
   static inline __m128i pack(const V& v) { return _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static inline void store(T* p, const V& v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
   static inline V round(const V& v) { return V(_mm256_cvtph_ps(pack(v))); }
+  static inline void store_exact(T* p, const V& v) { store(p, v); }
 #else
   static inline V load(const T* p) { return load(p, W); }
   static inline void store(T* p, const V& v) { store(p, v, W); }
@@ -194,6 +212,7 @@ struct VecIO<c10::Half> : VecIO16<c10::Half> {
     store(tmp, v);
     return load(tmp);
   }
+  static inline void store_exact(T* p, const V& v) { store(p, v); }
 #endif
 };
 

@@ -54,7 +54,7 @@ void update_range(T* w, const T* d, T* delta, typename VecIO<T>::acc_t f, int64_
     V step = n;
     if (HasPrev) step = n - IO::load(delta + i);
     IO::store(w + i, IO::load(w + i) + step);
-    IO::store(delta + i, n);
+    IO::store_exact(delta + i, n);
   }
   if (i < e) {
     const int64_t k = e - i;
