@@ -36,6 +36,8 @@ class Stat:
     iqr: float
     n: int
     times: list = field(default_factory=list)
+    # median per interleaved round (measure_many), for ratios paired round by round
+    round_medians: list = field(default_factory=list)
 
     @property
     def ms(self) -> float:
@@ -105,6 +107,7 @@ def measure_many(fns: dict, *, device="cpu", min_run_time=1.0, rounds=3, min_rep
               for n in names}
     slow = {n for n in names if first[n] * 10 * rounds >= min_run_time}
     samples = {n: [] for n in names}
+    per_round_medians = {n: [] for n in names}
     # slow functions: ceil(min_run_time / t) calls each (at least min_reps), spread over the rounds
     per_round = {}
     for n in slow:
@@ -113,16 +116,24 @@ def measure_many(fns: dict, *, device="cpu", min_run_time=1.0, rounds=3, min_rep
     for _ in range(rounds):
         for n in names:
             if n in slow:
-                for _ in range(per_round[n]):
-                    samples[n].append(timers[n].timeit(1).median)
+                got = [timers[n].timeit(1).median for _ in range(per_round[n])]
             else:
-                m = timers[n].blocked_autorange(min_run_time=min_run_time / rounds)
-                samples[n].extend(m.times)
+                got = list(timers[n].blocked_autorange(min_run_time=min_run_time / rounds).times)
+            samples[n].extend(got)
+            per_round_medians[n].append(statistics.median(got))
     out = {}
     for n in names:
         q1, med, q3 = _quartiles(samples[n])
-        out[n] = Stat(med, q3 - q1, len(samples[n]), samples[n])
+        out[n] = Stat(med, q3 - q1, len(samples[n]), samples[n], per_round_medians[n])
     return out
+
+
+def paired_ratio(a: Stat, b: Stat) -> float:
+    """a / b as the median over interleaved rounds of (a's round median / b's round median): a load
+    change between rounds cancels out. Falls back to the ratio of the medians without rounds."""
+    if a.round_medians and len(a.round_medians) == len(b.round_medians):
+        return statistics.median(x / y for x, y in zip(a.round_medians, b.round_medians))
+    return a.median / b.median
 
 
 class TimeLimit(Exception):
