@@ -308,6 +308,11 @@ def test_perturb_direction_of_other_dtype_and_zero_direction(device):
     new = ops.perturb_(w, d, scale=1.0)
     assert new.dtype == torch.bfloat16
     assert_close(new, ref.l2_normalize(d, norm="global").to(torch.bfloat16), torch.bfloat16)
+    # normalised in the direction's precision and rounded once (not rounded to bf16 first): equal to
+    # the float64 result rounded to bf16 (fixed seed; a bf16-first cast changes about half of them)
+    expected = (d.double() * (1.0 / d.double().norm())).to(torch.bfloat16)
+    assert torch.equal(new.cpu(), expected.cpu()), int((new.cpu() != expected.cpu()).sum())
+    assert torch.equal(w.cpu(), (w0.float() + new.float()).to(torch.bfloat16).cpu())
     w = w0.clone()
     new = ops.perturb_(w, torch.zeros(16, 8, device=device), scale=1.0)
     assert torch.isfinite(new).all() and (new == 0).all() and torch.equal(w, w0)

@@ -179,10 +179,12 @@ __device__ __forceinline__ float fast_exp<float>(float x) {
   return ::expf(x);
 }
 
-// scale / sqrt(ss), or 0 when ss is 0 (a zero group gives zeros, never NaN).
+// scale / sqrt(ss), or 0 when ss is 0 (a zero group gives zeros, never NaN). Computed in double and
+// rounded once to A, as the CPU kernels do: float(scale) / sqrtf(ss) rounds three times and can miss
+// an exactly representable factor by an ulp (tests check 16-bit rounding ties bit for bit).
 template <typename A>
-__device__ __forceinline__ A norm_factor(A ss, A scale) {
-  return ss > A(0) ? scale / ::sqrt(ss) : A(0);
+__device__ __forceinline__ A norm_factor(A ss, double scale) {
+  return ss > A(0) ? static_cast<A>(scale / ::sqrt(static_cast<double>(ss))) : A(0);
 }
 
 // [a, e) = head scalars [a, h), VEC-vectors [h, be), tail scalars [be, e); indices that are

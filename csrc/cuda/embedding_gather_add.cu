@@ -232,9 +232,16 @@ __global__ void __launch_bounds__(256)
   const int64_t key = keys[b - 1];
   if (keys[b] != key) return;                                        // no segment crosses the chunk's end
   if (a > 0 && keys[a - 1] == key && keys[a] == key) return;          // it started in an earlier chunk
-  int64_t last = c + 1;                                              // the chunk where the segment ends
-  while (last + 1 < num_chunks && keys[(last + 1) * kChunk] == key) ++last;
-  if (key == skip_key || key < 0 || key >= num_rows) return;
+  if (key == skip_key || key < 0 || key >= num_rows) return;         // padding: its row stays zero
+  // The segment's end: the first index >= b whose key differs (keys are sorted, keys[b] == key).
+  // A binary search, not a walk over the chunks: a long segment (a frequent token) costs log N loads.
+  int64_t lo = b + 1, hi = N;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] == key) lo = mid + 1;
+    else hi = mid;
+  }
+  const int64_t last = (lo - 1) / kChunk;                            // the chunk where the segment ends
   for (int64_t col = threadIdx.x; col < H; col += blockDim.x) {
     A s = ws[(c * 2 + 1) * H + col];
     for (int64_t d = c + 1; d <= last; ++d) s += ws[(d * 2) * H + col];

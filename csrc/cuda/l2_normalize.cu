@@ -74,7 +74,7 @@ __device__ __forceinline__ void store_scaled(T* out, int64_t i, const acc_t<T> (
 // ------------------------------------------------------------------------------------------
 template <typename T, int VEC, int TEAM, int VPT, int THREADS>
 __global__ void __launch_bounds__(THREADS) l2_rows_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t R,
-                                                           int64_t G, acc_t<T> scale, bool row_mask) {
+                                                           int64_t G, double scale, bool row_mask) {
   using A = acc_t<T>;
   __shared__ A smem[32];
   const int tid = TEAM == 32 ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> s
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kChunkThreads) l2_scale_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t G,
                                                                   int64_t cs, int64_t bpg,
-                                                                  const acc_t<T>* __restrict__ ws, acc_t<T> scale) {
+                                                                  const acc_t<T>* __restrict__ ws, double scale) {
   using A = acc_t<T>;
   __shared__ A smem[32];
   const int64_t blk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;  // reverse of kernel 1
@@ -248,19 +248,18 @@ void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, d
                                                                                      ws.data_ptr<A>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   l2_scale_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(
-      src, out, G, cs, bpg, ws.data_ptr<A>(), static_cast<A>(scale));
+      src, out, G, cs, bpg, ws.data_ptr<A>(), scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC, int TEAM, int VPT, int THREADS>
 void launch_rows(const L2Src<T, VEC>& src, T* out, int64_t R, int64_t G, double scale, bool row_mask, int device) {
-  using A = acc_t<T>;
   const int64_t rows_per_block = TEAM == 32 ? THREADS / 32 : 1;
   const int64_t blocks = ceil_div(R, rows_per_block);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.l2_normalize: too many groups");
   auto stream = c10::cuda::getCurrentCUDAStream(device);
   l2_rows_kernel<T, VEC, TEAM, VPT, THREADS><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
-      src, out, R, G, static_cast<A>(scale), row_mask);
+      src, out, R, G, scale, row_mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -6,17 +6,18 @@
 // sync), then updates its chunk of weight and delta; blocks and the tiles inside a block go in
 // the reverse order of kernel 1 so the direction data read last is still in L2.
 //
-// Rounding follows fastvat.reference.perturb_: new is rounded to direction's dtype, then
+// Rounding follows fastvat.reference.perturb_: nd = D(acc(direction) * f) (l2_normalize's output
+// in direction's dtype D), then new = W(nd) (the perturbation is stored in weight's dtype W) and
 //   with previous: weight = W(acc(weight) + acc(W(acc(new) - acc(previous))))   acc = opmath(W)
-//   without:       weight = W(C(weight) + C(new))   C = double if either dtype is double, else float
-//   delta = W(new)
+//   without:       weight = W(acc(weight) + acc(new))
+//   delta = new
 #include "common.h"
 #include "cuda/cuda_utils.cuh"
 
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
+#include <cmath>
 
 namespace fastvat {
 namespace cuda {
@@ -69,25 +70,24 @@ template <typename W, typename D>
 struct Update {
   using AD = acc_t<D>;
   using AW = acc_t<W>;
-  using C = typename std::conditional<std::is_same<W, double>::value || std::is_same<D, double>::value, double,
-                                      float>::type;
   // One element: reads weight (and delta when has_prev), writes both.
   __device__ __forceinline__ static void apply(W& w, W& delta, D dir, AD f, bool has_prev) {
     const D nd = static_cast<D>(static_cast<AD>(dir) * f);
+    const W nw = static_cast<W>(static_cast<AD>(nd));  // the stored perturbation, as the reference's .to(W)
     if (has_prev) {
-      const W t = static_cast<W>(static_cast<AW>(static_cast<AD>(nd)) - static_cast<AW>(delta));
+      const W t = static_cast<W>(static_cast<AW>(nw) - static_cast<AW>(delta));
       w = static_cast<W>(static_cast<AW>(w) + static_cast<AW>(t));
     } else {
-      w = static_cast<W>(static_cast<C>(w) + static_cast<C>(static_cast<AD>(nd)));
+      w = static_cast<W>(static_cast<AW>(w) + static_cast<AW>(nw));
     }
-    delta = static_cast<W>(static_cast<AD>(nd));
+    delta = nw;
   }
 };
 
 template <typename W, typename D, int VEC>
 __global__ void __launch_bounds__(kThreads)
     perturb_update_kernel(W* w, const D* d, W* delta, int64_t n, int64_t cs,
-                          const acc_t<D>* __restrict__ ws, int64_t nparts, acc_t<D> scale, bool has_prev) {
+                          const acc_t<D>* __restrict__ ws, int64_t nparts, double scale, bool has_prev) {
   using AD = acc_t<D>;
   __shared__ AD smem[32];
   const AD f = norm_factor(block_sum_array(ws, nparts, smem), scale);
@@ -151,7 +151,7 @@ void launch_perturb(W* w, const D* d, W* delta, int64_t n, double scale, bool ha
   perturb_sumsq_kernel<D, VEC><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(d, n, cs, ws.data_ptr<AD>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   perturb_update_kernel<W, D, VEC><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(
-      w, d, delta, n, cs, ws.data_ptr<AD>(), nb, static_cast<AD>(scale), has_prev);
+      w, d, delta, n, cs, ws.data_ptr<AD>(), nb, scale, has_prev);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -184,18 +184,24 @@ void perturb_cuda(at::Tensor& weight, const at::Tensor& direction_in, at::Tensor
   check_same(delta, "delta", weight, "weight");
   TORCH_CHECK(delta.scalar_type() == weight.scalar_type(), "fastvat.perturb_: delta must have weight's dtype ",
               weight.scalar_type(), ", got ", delta.scalar_type());
-  TORCH_CHECK(weight.is_contiguous() && delta.is_contiguous(),
-              "fastvat.perturb_: weight and delta must be contiguous (the Python wrapper handles views)");
+  TORCH_CHECK(std::isfinite(scale), "fastvat.perturb_: scale must be finite, got ", scale);
+  TORCH_CHECK(!weight.is_same(delta), "fastvat.perturb_: weight and delta must be different tensors");
   c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor dir = direction_in.contiguous();
   if (weight.numel() == 0) return;
+  // Read direction first (it may alias delta or weight).
+  const at::Tensor dir = direction_in.contiguous();
+  // The kernels work on contiguous memory; strided weight/delta are updated through copies (as on the CPU).
+  at::Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
+  at::Tensor dl = delta.is_contiguous() ? delta : delta.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::ScalarType::Half, at::ScalarType::BFloat16, weight.scalar_type(), "fastvat_perturb_cuda_w", [&] {
+      at::ScalarType::Half, at::ScalarType::BFloat16, w.scalar_type(), "fastvat_perturb_cuda_w", [&] {
         using W = scalar_t;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, dir.scalar_type(),
                                         "fastvat_perturb_cuda_d",
-                                        [&] { perturb_dispatch<W, scalar_t>(weight, dir, delta, scale, has_previous); });
+                                        [&] { perturb_dispatch<W, scalar_t>(w, dir, dl, scale, has_previous); });
       });
+  if (!w.is_same(weight)) weight.copy_(w);
+  if (!dl.is_same(delta)) delta.copy_(dl);
 }
 
 }  // namespace
