@@ -94,10 +94,12 @@ namespace fastvat {
 namespace cpu {
 namespace {
 
-// Same math with ATen ops, for CPUs without the kernels' ISA.
+// Same math with ATen ops, for CPUs without the kernels' ISA and for a direction of another dtype
+// than the weight (normalised in the direction's precision, then rounded to the weight's, as the
+// reference does).
 void perturb_fallback(at::Tensor& w, const at::Tensor& d, at::Tensor& delta, double scale, bool has_previous) {
   const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor dd = d.to(acc);
+  const at::Tensor dd = d.to(d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const at::Tensor n = dd.mul(dd).sum().sqrt();
   const at::Tensor factor = at::where(n > 0, at::full_like(n, scale) / n, at::zeros_like(n));
   const at::Tensor nw = (dd * factor).to(w.scalar_type());
@@ -121,12 +123,12 @@ void perturb_cpu(at::Tensor& weight, const at::Tensor& direction, at::Tensor& de
   const int64_t numel = weight.numel();
   if (numel == 0) return;
   // Read direction first (it may alias delta or weight).
-  at::Tensor d = direction.scalar_type() == weight.scalar_type() ? direction.contiguous()
-                                                                  : direction.to(weight.scalar_type()).contiguous();
+  const bool same_dtype = direction.scalar_type() == weight.scalar_type();
+  at::Tensor d = same_dtype ? direction.contiguous() : direction.clone(at::MemoryFormat::Contiguous);
   // The kernel works on contiguous memory; strided weight/delta are updated through copies.
   at::Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
   at::Tensor dl = delta.is_contiguous() ? delta : delta.contiguous();
-  if (!simd_enabled()) {
+  if (!simd_enabled() || !same_dtype) {
     perturb_fallback(w, d, dl, scale, has_previous);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastvat_perturb_cpu", [&] {
