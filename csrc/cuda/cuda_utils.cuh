@@ -8,12 +8,15 @@
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 
 namespace fastvat {
 namespace cuda {
@@ -50,19 +53,42 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Multiprocessor count of a device, cached (cudaDeviceGetAttribute does not synchronize).
+// One int per device index, computed by the first get() for that device (under a mutex; concurrent
+// first callers wait) and then read with one acquire load. A compute() that throws leaves the entry
+// unset, to be computed again. Meant as a function-local static, one per quantity (and kernel).
+class PerDevice {
+ public:
+  template <typename F>
+  int get(int device, F&& compute) {
+    TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "fastvat: CUDA device index ", device,
+                " out of range");
+    if (ready_[device].load(std::memory_order_acquire)) return value_[device];
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!ready_[device].load(std::memory_order_relaxed)) {
+      value_[device] = compute();
+      ready_[device].store(true, std::memory_order_release);
+    }
+    return value_[device];
+  }
+
+ private:
+  std::mutex mutex_;
+  std::atomic<bool> ready_[C10_COMPILE_TIME_MAX_GPUS] = {};
+  int value_[C10_COMPILE_TIME_MAX_GPUS] = {};
+};
+
+// Multiprocessor count of a device, cached per device (cudaDeviceGetAttribute does not synchronize).
 inline int sm_count(int device) {
-  static int cache[256] = {0};
-  if (device < 0 || device >= 256) return 132;
-  if (cache[device] == 0) {
+  static PerDevice cache;
+  return cache.get(device, [device] {
     int v = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = v > 0 ? v : 1;
-  }
-  return cache[device];
+    return v > 0 ? v : 1;
+  });
 }
 
-// Resident blocks per multiprocessor of a kernel at a block size (at least 1).
+// Resident blocks per multiprocessor of a kernel at a block size (at least 1), on the current
+// device (callers cache it per device with a PerDevice, under the CUDAGuard of the op).
 template <typename Kernel>
 inline int blocks_per_sm(Kernel kernel, int threads, size_t smem = 0) {
   int v = 0;

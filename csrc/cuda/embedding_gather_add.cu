@@ -222,8 +222,8 @@ __global__ void __launch_bounds__(256)
 
 template <typename T>
 __global__ void __launch_bounds__(256)
-    segsum_combine_kernel(const int64_t* __restrict__ keys, int64_t N, int64_t H, int64_t num_chunks,
-                          int64_t num_rows, int64_t skip_key, const acc_t<T>* __restrict__ ws, T* __restrict__ out) {
+    segsum_combine_kernel(const int64_t* __restrict__ keys, int64_t N, int64_t H, int64_t num_rows, int64_t skip_key,
+                          const acc_t<T>* __restrict__ ws, T* __restrict__ out) {
   using A = acc_t<T>;
   const int64_t c = blockIdx.x;
   const int64_t a = c * kChunk;
@@ -280,7 +280,7 @@ void segment_sum(const at::Tensor& grad, const at::Tensor& keys_in, int64_t num_
   if (num_chunks > 1) {
     const int cthreads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, round_up(H, 32))));
     segsum_combine_kernel<T><<<static_cast<unsigned>(num_chunks), cthreads, 0, stream>>>(
-        keys.data_ptr<int64_t>(), N, H, num_chunks, num_rows, skip_key, ws.data_ptr<A>(), out.data_ptr<T>());
+        keys.data_ptr<int64_t>(), N, H, num_rows, skip_key, ws.data_ptr<A>(), out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -299,11 +299,17 @@ std::tuple<at::Tensor, at::Tensor> embedding_gather_add_backward_cuda(const at::
   TORCH_CHECK(ids.device() == grad_in.device() && di.device() == grad_in.device(),
               "fastvat.embedding_gather_add_backward: all tensors on one device");
   TORCH_CHECK(num_weight_rows >= 0 && num_delta_rows >= 0, "fastvat.embedding_gather_add_backward: negative row count");
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < std::max<int64_t>(num_weight_rows, 1),
+              "fastvat.embedding_gather_add_backward: padding_idx must be -1 or in [0, ", num_weight_rows, "), got ",
+              padding_idx);
+  TORCH_CHECK(grad_in.dim() == ids.dim() + 1 && grad_in.sizes().slice(0, ids.dim()) == ids.sizes(),
+              "fastvat.embedding_gather_add_backward: grad must have shape ids.shape + [dim], got ", grad_in.sizes(),
+              " for ids of shape ", ids.sizes());
+  TORCH_CHECK(di.sizes() == ids.sizes(), "fastvat.embedding_gather_add_backward: delta_index has shape ", di.sizes(),
+              " but ids has shape ", ids.sizes());
   c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t H = grad_in.size(-1);
   const int64_t N = ids.numel();
-  TORCH_CHECK(grad_in.numel() == N * H, "fastvat.embedding_gather_add_backward: grad must be ids.shape + [H]");
-  TORCH_CHECK(di.numel() == N, "fastvat.embedding_gather_add_backward: delta_index must have ids' shape");
   const at::Tensor grad = grad_in.contiguous().view({N, H});
   at::Tensor gw = need_weight_grad ? at::zeros({num_weight_rows, H}, grad.options()) : at::empty({0}, grad.options());
   at::Tensor gd = need_delta_grad ? at::zeros({num_delta_rows, H}, grad.options()) : at::empty({0}, grad.options());

@@ -19,6 +19,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -75,14 +76,21 @@ struct Online {
 };
 
 // Row statistics after the team reduction, and the per-element pass-2 math.
+// A row whose p (or q) logits are all -inf has no softmax (0/0): its loss and gradient are NaN,
+// as from the CPU kernel (and its loss as from reference.kl_rows); kl_init() starts such a row's
+// loss at NaN, grad() gives NaN for its entries.
 template <typename A>
 struct Final {
   A mp, mq, inv_zp, inv_zq, zp, sp, c, mm;
   bool pvalid, qvalid;
+  __device__ __forceinline__ A kl_init() const {
+    return pvalid && qvalid ? A(0) : std::numeric_limits<A>::quiet_NaN();
+  }
   // softmax(p), softmax(q) at one element; adds the element's KL term to kl.
   __device__ __forceinline__ A grad(A p, A q, A& kl) const {
-    const A ep = pvalid ? fast_exp(p - mp) * inv_zp : A(0);
-    const A eq = qvalid ? fast_exp(q - mq) * inv_zq : A(0);
+    constexpr A nan = std::numeric_limits<A>::quiet_NaN();
+    const A ep = pvalid ? fast_exp(p - mp) * inv_zp : nan;
+    const A eq = qvalid ? fast_exp(q - mq) * inv_zq : nan;
     kl += ep > A(0) ? ep * ((p - q) - c) : A(0);
     return (eq - ep) * mm;
   }
@@ -212,7 +220,7 @@ __global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
     if (tid < head) st.add1(hp, hq);
     if (tid < tail) st.add1(tp, tq);
     const Final<A> f = finalize<TEAM, A>(st, mm, smem);
-    A kl[1] = {A(0)};
+    A kl[1] = {f.kl_init()};
 #pragma unroll
     for (int s = 0; s < VPT; ++s) {
       const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
@@ -262,10 +270,11 @@ __global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
     if (tid < tail) st.add1(tp, tq);
     const Final<A> f = finalize<TEAM, A>(st, mm, smem);
     if (!want_grad) {
+      // An all -inf row of p gives 0/0, one of q inf - inf: NaN, as kl_init() on the other paths.
       if (tid == 0) rows[r] = (f.sp / f.zp - f.c) * mm;
       return;
     }
-    A kl[1] = {A(0)};
+    A kl[1] = {f.kl_init()};
     // Backwards over the same (k0, u) tiles: the last-read vectors first (still in L2).
     const int64_t nsteps = (nb + step * U - 1) / (step * U);
     for (int64_t s = nsteps - 1; s >= 0; --s) {
@@ -300,17 +309,48 @@ __global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
   }
 }
 
+// Dynamic shared memory of a configuration (the cached kernels keep q's vectors there).
+template <typename T, int VEC, int VPT, int THREADS>
+constexpr int kl_smem() {
+  return VPT * THREADS * static_cast<int>(sizeof(Pack<T, VEC>));
+}
+
+// Whether a configuration can be launched on `device` (the current device): its static + dynamic
+// shared memory must fit the device's opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), and
+// over the 48 KB that every block gets, the kernel's dynamic limit is raised there. Found out (and
+// the limit raised) once per kernel and device.
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+bool kl_config_fits(int device) {
+  constexpr int smem = kl_smem<T, VEC, VPT, THREADS>();
+  if constexpr (smem == 0) {
+    return true;
+  } else {
+    static PerDevice fits;
+    return fits.get(device, [device] {
+      const auto kernel = kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>;
+      int optin = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      const int64_t total = static_cast<int64_t>(attr.sharedSizeBytes) + smem;
+      if (total > std::max(optin, 48 * 1024)) return 0;
+      if (total > 48 * 1024) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      }
+      return 1;
+    }) != 0;
+  }
+}
+
 template <typename T, int VEC, int TEAM, int VPT, int THREADS>
 void launch_kl(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, int64_t N, int64_t C, int device) {
   const int64_t rows_per_block = TEAM == 32 ? THREADS / 32 : 1;
   const int64_t blocks = ceil_div(N, rows_per_block);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.kl_div_with_logits: too many rows");
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  const int smem = VPT * THREADS * static_cast<int>(sizeof(Pack<T, VEC>));
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
+  constexpr int smem = kl_smem<T, VEC, VPT, THREADS>();
+  TORCH_INTERNAL_ASSERT((kl_config_fits<T, VEC, TEAM, VPT, THREADS>(device)),
+                        "fastvat.kl_div_with_logits: kernel shared memory over the device's limit");
   kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>
       <<<static_cast<unsigned>(blocks), THREADS, smem, stream>>>(p, q, g, m, rows, N, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -319,7 +359,8 @@ void launch_kl(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, 
 // Kernel choice, overridable for benchmarking with FASTVAT_KL_VARIANT (read on every call):
 //   auto (default): rows of <= 2048 16-byte vectors cached on chip (several blocks per SM),
 //                   longer rows streamed twice by one 1024-thread block per SM (row stays in L2);
-//   cached:   also cache rows of <= 4096 vectors (one 512-thread block per SM, no L2 re-read);
+//   cached:   also cache rows of <= 4096 vectors (one 512-thread block per SM, no L2 re-read; 64 KB
+//             of shared memory, else streamed);
 //   stream:   always the 1024-thread streaming kernel;  stream512: 512 threads, 2 blocks per SM.
 inline int kl_variant() {
   const char* s = std::getenv("FASTVAT_KL_VARIANT");
@@ -349,7 +390,10 @@ void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mas
     if (variant == 0 || variant == 1) {
       if (nvec <= 32 * 4) return launch_kl<T, VEC, 32, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
       if (nvec <= 256 * 8) return launch_kl<T, VEC, 256, 8, 256>(pp, qp, gp, mp, rp, N, C, device);
-      if (variant == 1 && nvec <= 512 * 8) return launch_kl<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
+      // 64 KB of dynamic shared memory: streamed instead where the device cannot give a block that much.
+      if (variant == 1 && nvec <= 512 * 8 && kl_config_fits<T, VEC, 512, 8, 512>(device)) {
+        return launch_kl<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
+      }
     }
     if (variant == 3) return launch_kl<T, VEC, 512, 0, 512>(pp, qp, gp, mp, rp, N, C, device);
     return launch_kl<T, VEC, 1024, 0, 1024>(pp, qp, gp, mp, rp, N, C, device);

@@ -233,7 +233,9 @@ void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, d
   using A = acc_t<T>;
   const int64_t R = numel / G;
   const int sms = sm_count(device);
-  static const int occupancy = blocks_per_sm(l2_sumsq_kernel<T, VEC>, kChunkThreads);  // same GPU model assumed
+  static PerDevice occupancy_cache;  // per kernel (this instantiation) and device
+  const int occupancy =
+      occupancy_cache.get(device, [] { return blocks_per_sm(l2_sumsq_kernel<T, VEC>, kChunkThreads); });
   const int64_t target = static_cast<int64_t>(sms) * occupancy;
   const int64_t min_chunk = static_cast<int64_t>(kChunkThreads) * VEC * kUnroll;
   int64_t bpg = std::max<int64_t>(1, ceil_div(target, R));

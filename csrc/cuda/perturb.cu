@@ -141,7 +141,9 @@ void launch_perturb(W* w, const D* d, W* delta, int64_t n, double scale, bool ha
                     int device) {
   using AD = acc_t<D>;
   const int sms = sm_count(device);
-  static const int occupancy = blocks_per_sm(perturb_sumsq_kernel<D, VEC>, kThreads);  // same GPU model assumed
+  static PerDevice occupancy_cache;  // per kernel (this instantiation) and device
+  const int occupancy =
+      occupancy_cache.get(device, [] { return blocks_per_sm(perturb_sumsq_kernel<D, VEC>, kThreads); });
   const int64_t target = static_cast<int64_t>(sms) * occupancy;
   int64_t nb = std::min<int64_t>(target, std::max<int64_t>(1, ceil_div(n, static_cast<int64_t>(kThreads) * 8)));
   const int64_t cs = round_up(ceil_div(n, nb), kChunkAlign);
