@@ -79,8 +79,15 @@ def restore_(weight, previous):
 def kl_rows(p_logits, q_logits, mask=None):
     """Per-row KL(softmax(p) || softmax(q)) over the last dim, in the accumulation dtype."""
     dt = acc_dtype(q_logits.dtype)
-    lp = F.log_softmax(p_logits.detach().to(dt), dim=-1)
-    lq = F.log_softmax(q_logits.to(dt), dim=-1)
+    p_logits, q_logits = p_logits.detach().to(dt), q_logits.to(dt)
+    if mask is not None:
+        # a masked row is exactly 0 with a zero gradient, even when its logits are garbage (NaN,
+        # all -inf) as in padding: it is computed on zeros instead
+        keep = mask.to(dt).reshape(q_logits.shape[:-1] + (1,)) != 0
+        p_logits = torch.where(keep, p_logits, torch.zeros_like(p_logits))
+        q_logits = torch.where(keep, q_logits, torch.zeros_like(q_logits))
+    lp = F.log_softmax(p_logits, dim=-1)
+    lq = F.log_softmax(q_logits, dim=-1)
     pp = lp.exp()
     # 0 * log 0 = 0: a class with p = -inf (probability 0) adds nothing, even where q = -inf too.
     rows = torch.where(pp == 0, torch.zeros_like(pp), pp * (lp - lq)).sum(-1)  # NaN stays NaN

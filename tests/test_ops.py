@@ -450,6 +450,20 @@ def test_kl_edge_cases(device):
     torch.testing.assert_close(rows, ref.kl_div_with_logits(p, q, reduction="none"))
     (g,) = torch.autograd.grad(rows.sum(), q)
     assert torch.isfinite(g).all() and g[0, 3] == 0
+    # a row with no distribution (p all -inf) is NaN, as in the reference; a masked row is exactly 0
+    # with a zero gradient even when its logits are garbage (padding)
+    p, q = randn(3, 40, device=device), randn(3, 40, device=device, seed=1).requires_grad_()
+    with torch.no_grad():
+        p[0] = float("-inf")
+        p[2] = float("nan")
+    mk = torch.tensor([1, 1, 0], device=device)
+    rows = ops.kl_div_with_logits(p, q, mask=mk, reduction="none")
+    expected = ref.kl_div_with_logits(p, q, mask=mk, reduction="none")
+    assert torch.isnan(rows[0]) and torch.isnan(expected[0])
+    assert rows[2] == 0 and expected[2] == 0
+    torch.testing.assert_close(rows[1], expected[1])
+    (g,) = torch.autograd.grad(rows[1:].sum(), q)
+    assert (g[2] == 0).all() and torch.isfinite(g[1]).all()
     # non-contiguous logits
     pt, qt = randn(40, 6, device=device).t(), randn(40, 6, device=device, seed=1).t()
     torch.testing.assert_close(ops.kl_div_with_logits(pt, qt, reduction="none"), ref.kl_div_with_logits(pt, qt, reduction="none"))
@@ -733,6 +747,11 @@ def test_cpu_fallback_path_matches_reference():
             (g2,) = torch.autograd.grad(l2, q2)
             torch.testing.assert_close(l, l2, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(g, g2, rtol=2e-2, atol=1e-4)
+            # no distribution (all -inf) -> NaN; a masked garbage row -> 0, as the SIMD kernel does
+            p = torch.randn(3, 40).to(dt)
+            p[0], p[2] = float("-inf"), float("nan")
+            rows = ops.kl_div_with_logits(p, torch.randn(3, 40).to(dt), mask=torch.tensor([1, 1, 0]), reduction="none")
+            assert torch.isnan(rows[0]) and rows[2] == 0 and torch.isfinite(rows[1]), rows
         print("fallback ok")
         """
     )

@@ -178,12 +178,13 @@ std::tuple<at::Tensor, at::Tensor> kl_fallback(const at::Tensor& p, const at::Te
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor lp = at::log_softmax(p.to(acc), 1), lq = at::log_softmax(q.to(acc), 1);
   const at::Tensor ep = lp.exp();
-  at::Tensor rows = at::where(ep > 0, ep * (lp - lq), at::zeros_like(ep)).sum(1);
-  if (mask.defined()) rows = rows * mask;
+  // NaN stays NaN (an all -inf row has no distribution), as in the kernel and the reference
+  at::Tensor rows = at::where(ep == 0, at::zeros_like(ep), ep * (lp - lq)).sum(1);
+  if (mask.defined()) rows = at::where(mask == 0, at::zeros_like(rows), rows * mask);
   at::Tensor grad;
   if (compute_grad) {
     grad = lq.exp() - ep;
-    if (mask.defined()) grad = grad * mask.unsqueeze(1);
+    if (mask.defined()) grad = at::where(mask.unsqueeze(1) == 0, at::zeros_like(grad), grad * mask.unsqueeze(1));
     grad = grad.to(q.scalar_type()).contiguous();
   } else {
     grad = at::empty({0}, q.options());
