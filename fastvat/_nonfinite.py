@@ -19,9 +19,16 @@ CLEAN = "the clean logits (the model's output at the unperturbed input)"
 GIVEN = "the logits passed as logits="
 
 
-def bad_logits(z):
-    """A 0-dim bool tensor: z holds NaN or +Inf. (-Inf is a masked class, probability 0: allowed.)"""
-    return (torch.isnan(z) | torch.isposinf(z)).any()
+def bad_logits(z, row_mask=None):
+    """A 0-dim bool tensor (no host sync): a row of z holds NaN or +Inf, or is all -Inf (no
+    distribution). A single -Inf is a masked class, probability 0: allowed. Rows where ``row_mask``
+    (over z's leading dims, e.g. an attention mask) is 0 are padding and never count."""
+    if z.dim() == 0 or z.numel() == 0:
+        return (torch.isnan(z) | torch.isposinf(z)).any()
+    bad = (torch.isnan(z) | torch.isposinf(z)).any(-1) | torch.isneginf(z).all(-1)
+    if row_mask is not None:
+        bad = bad & (row_mask.reshape(bad.shape) != 0)
+    return bad.any()
 
 
 def finite(t):
@@ -84,4 +91,7 @@ def checked_loss(name, mode, loss, ok, where, *, stacklevel=2):
         )
     warnings.warn(f"{name}: non-finite value (NaN or Inf) in {place}; returning a zero loss for this call "
                   "(nonfinite='zero')", RuntimeWarning, stacklevel=stacklevel + 1)
-    return torch.zeros_like(torch.as_tensor(loss))
+    zero = torch.zeros_like(torch.as_tensor(loss).detach())
+    # a leaf that requires grad, so that `loss.backward()` on it alone still works (no parameter
+    # receives a gradient from it)
+    return zero.requires_grad_() if zero.is_floating_point() and torch.is_grad_enabled() else zero

@@ -51,7 +51,7 @@ class RandomNoise(Regularizer):
             checks = []  # (where, 0-dim bool) per pass: no host sync until the end
             if check and p is not None:
                 checks.append((_nonfinite.GIVEN if logits is not None else _nonfinite.CLEAN,
-                               ~_nonfinite.bad_logits(p)))
+                               ~_nonfinite.bad_logits(p, self._row_mask(p))))
             total = 0.0
             for i in range(self.k):
                 if self.sigma is not None:

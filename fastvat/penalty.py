@@ -83,5 +83,6 @@ class GradientPenalty(Regularizer):
             # One host check: the penalty and the logits (a NaN logit need not reach the gradient, e.g.
             # in the "mse" form, where d(u·f)/df = u whatever f is).
             return _nonfinite.checked_loss(
-                "GradientPenalty", self.nonfinite, penalty, ~_nonfinite.bad_logits(f.detach()),
-                lambda: LOGITS if bool(_nonfinite.bad_logits(f.detach())) else GRADIENT, stacklevel=2)
+                "GradientPenalty", self.nonfinite, penalty, ~_nonfinite.bad_logits(f.detach(), self._row_mask(f)),
+                lambda: LOGITS if bool(_nonfinite.bad_logits(f.detach(), self._row_mask(f))) else GRADIENT,
+                stacklevel=2)

@@ -48,8 +48,9 @@ def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
     nonzero = ss > 0
     # sqrt of a safe value: sqrt'(0) is infinite, which would turn the zero gradient of a
     # zero-norm group (e.g. a fully masked sample) into NaN.
-    n = torch.where(nonzero, ss, torch.ones_like(ss)).sqrt()
-    factor = torch.where(nonzero, scale / n.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(n))
+    # the factor in float64 (as the kernels compute it): exact whenever scale/||v|| is representable
+    n = torch.where(nonzero, ss, torch.ones_like(ss)).double().sqrt()
+    factor = torch.where(nonzero, scale / n, torch.zeros_like(n)).to(dt)
     return (v * factor).to(x.dtype)
 
 
@@ -58,7 +59,9 @@ def perturb_(weight, direction, scale, previous=None, out=None):
     # the perturbation is stored in weight's dtype (direction may have another floating dtype)
     new = l2_normalize(direction, scale=scale, norm="global").to(weight.dtype)
     if previous is not None:
-        weight.add_((new.to(acc_dtype(weight.dtype)) - previous.to(acc_dtype(weight.dtype))).to(weight.dtype))
+        # one rounding: weight + (new - previous) in the accumulation dtype
+        acc = acc_dtype(weight.dtype)
+        weight.copy_((weight.to(acc) + (new.to(acc) - previous.to(acc))).to(weight.dtype))
     else:
         weight.add_(new)
     if out is not None:

@@ -137,12 +137,14 @@ class VAT(Regularizer):
         if self.nonfinite != "zero":
             return d
         # No warning when the clean logits are bad: the loss check reports those (and zeroes the loss).
-        return _nonfinite.zero_direction("VAT", d, POWER, warn=lambda: not bool(_nonfinite.bad_logits(p)),
+        return _nonfinite.zero_direction("VAT", d, POWER, warn=lambda: not bool(self._bad_logits(p)),
                                          stacklevel=3)
 
-    @staticmethod
-    def _where_nonfinite(p, d, given):
-        if bool(_nonfinite.bad_logits(p)):
+    def _bad_logits(self, p):
+        return _nonfinite.bad_logits(p, self._row_mask(p))
+
+    def _where_nonfinite(self, p, d, given):
+        if bool(self._bad_logits(p)):
             return _nonfinite.GIVEN if given else _nonfinite.CLEAN
         if d is not None and not bool(_nonfinite.finite(d)):
             return POWER
@@ -153,7 +155,7 @@ class VAT(Regularizer):
         pass on to the loss); on NaN/Inf find where it came from, then raise or zero it."""
         if self.nonfinite == "ignore":
             return loss
-        return _nonfinite.checked_loss("VAT", self.nonfinite, loss, ~_nonfinite.bad_logits(p),
+        return _nonfinite.checked_loss("VAT", self.nonfinite, loss, ~self._bad_logits(p),
                                        lambda: self._where_nonfinite(p, d, given), stacklevel=3)
 
 

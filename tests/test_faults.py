@@ -477,3 +477,73 @@ def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite, name):
         loss = _call_other(make(model, {"nonfinite": nonfinite}), torch.randn(8, 5))
     assert torch.isfinite(loss) and loss > 0
 
+
+
+class TokenLevel(nn.Module):
+    """Per-token logits [B, T, C] that are NaN at the padding token (id 0), as a model may leave them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids, attention_mask=None):
+        z = self.fc(torch.tanh(self.emb(ids)))
+        return z.masked_fill(ids[..., None] == 0, float("nan"))
+
+
+@pytest.mark.parametrize("name", ["VAT", "RandomNoise", "GradientPenalty"])
+@pytest.mark.parametrize("target", ["output", "weight"])
+def test_nonfinite_logits_in_padding_rows_are_not_an_error(name, target):
+    """Rows masked out by attention_mask are padding: garbage there is neither checked nor counted."""
+    if name == "GradientPenalty" and target == "weight":
+        pytest.skip("GradientPenalty has no weight target")
+    torch.manual_seed(0)
+    model = TokenLevel()
+    ids = torch.randint(1, 20, (4, 7))
+    am = torch.ones(4, 7, dtype=torch.long)
+    am[:, 5:] = 0
+    am[0, 2:] = 0
+    ids[am == 0] = 0
+    make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
+    reg = make(model, {"nonfinite": "raise", **TARGETS[target]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = reg(ids, attention_mask=am)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # the same NaN in a row that is not masked (a padding id the mask lets through) is an error that
+    # names the clean logits
+    am[1, 6] = 1
+    with pytest.raises(FloatingPointError, match="clean logits|logits at x"):
+        reg(ids, attention_mask=am)
+
+
+@pytest.mark.parametrize("name", ["VAT"] + list(OTHERS))
+def test_nonfinite_zero_loss_can_be_backpropagated_alone(name):
+    model = _model(False)
+    x = _inputs(False)
+    model.bad_from = 1
+    make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="zero loss"):
+        loss = _call_other(make(model, {"nonfinite": "zero"}), x)
+    assert float(loss.detach()) == 0.0
+    loss.backward()  # a leaf that requires grad: no error, no parameter gradient changes
+    assert_unchanged(before, snapshot(model), rng=False)
+
+
+def test_all_minus_inf_clean_row_is_named_as_the_clean_logits():
+    class NoDistribution(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 4)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return z.masked_fill(torch.arange(z.shape[0])[:, None] == 2, float("-inf"))  # row 2: all -inf
+
+    torch.manual_seed(0)
+    with pytest.raises(FloatingPointError, match="clean logits"):
+        fastvat.VAT(NoDistribution())(torch.randn(8, 5))

@@ -318,6 +318,34 @@ def test_perturb_direction_of_other_dtype_and_zero_direction(device):
     assert torch.isfinite(new).all() and (new == 0).all() and torch.equal(w, w0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_perturb_rounding_matches_the_reference_bit_for_bit(device):
+    """16-bit weight with previous: weight = round(weight + (new - previous)), one rounding; a 16-bit
+    direction for a wider weight: new is rounded to the direction's dtype first (l2_normalize's output)."""
+    g = torch.Generator().manual_seed(3)
+    n = 2 * 16384 + 5
+    # directions of exact norm (dyadic magnitudes), so every backend computes the same factor
+    mags = torch.tensor([1.0, 1.5, 1.25, 0.75])
+    d = mags[torch.randint(0, 4, (n,), generator=g)] * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+    scale = 0.37 * d.double().norm().item()
+    w0 = (torch.randn(n, generator=g) * 0.05).to(torch.bfloat16)
+    prev0 = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16)
+    w, prev = w0.clone().to(device), prev0.clone().to(device)
+    ops.perturb_(w, d.to(torch.bfloat16).to(device), scale=scale, previous=prev)
+    w_ref, prev_ref = w0.clone(), prev0.clone()
+    ref.perturb_(w_ref, d.to(torch.bfloat16), scale, previous=prev_ref)
+    assert torch.equal(prev.cpu(), prev_ref)
+    assert torch.equal(w.cpu(), w_ref), int((w.cpu() != w_ref).sum())
+    expected = (w0.float() + (prev_ref.float() - prev0.float())).to(torch.bfloat16)
+    assert torch.equal(w_ref, expected)
+    # bf16 direction, float32 weight: delta == the bf16 result widened
+    dir16 = (d * 1.001).to(torch.bfloat16)
+    w32 = torch.zeros(n, device=device)
+    new = ops.perturb_(w32, dir16.to(device), scale=scale)
+    assert new.dtype == torch.float32
+    assert torch.equal(new.cpu(), ref.l2_normalize(dir16, scale=scale, norm="global").float())
+
+
 @pytest.mark.skipif(not CPU_KERNELS, reason="vectorized CPU kernels not in use")
 def test_perturb_independent_of_thread_count():
     w0, d, p = randn(7, 20001), randn(7, 20001, seed=1), randn(7, 20001, seed=2, scale=0.01)

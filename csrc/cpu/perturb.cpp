@@ -99,10 +99,13 @@ namespace {
 // reference does).
 void perturb_fallback(at::Tensor& w, const at::Tensor& d, at::Tensor& delta, double scale, bool has_previous) {
   const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor dd = d.to(d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const at::Tensor n = dd.mul(dd).sum().sqrt();
-  const at::Tensor factor = at::where(n > 0, at::full_like(n, scale) / n, at::zeros_like(n));
-  const at::Tensor nw = (dd * factor).to(w.scalar_type());
+  const auto dacc = d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor dd = d.to(dacc);
+  // the factor in double, as the kernel; the new perturbation in the direction's dtype, then the
+  // weight's (the reference's l2_normalize(...).to(weight.dtype))
+  const at::Tensor n = dd.mul(dd).sum().to(at::kDouble).sqrt();
+  const at::Tensor factor = at::where(n > 0, at::full_like(n, scale) / n, at::zeros_like(n)).to(dacc);
+  const at::Tensor nw = (dd * factor).to(d.scalar_type()).to(w.scalar_type());
   at::Tensor step = nw.to(acc);
   if (has_previous) step = step - delta.to(acc);
   w.copy_(w.to(acc) + step);
@@ -124,7 +127,7 @@ void perturb_cpu(at::Tensor& weight, const at::Tensor& direction, at::Tensor& de
   if (numel == 0) return;
   // Read direction first (it may alias delta or weight).
   const bool same_dtype = direction.scalar_type() == weight.scalar_type();
-  at::Tensor d = same_dtype ? direction.contiguous() : direction.clone(at::MemoryFormat::Contiguous);
+  at::Tensor d = direction.contiguous();  // a direction of another dtype goes to the fallback, which copies
   // The kernel works on contiguous memory; strided weight/delta are updated through copies.
   at::Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
   at::Tensor dl = delta.is_contiguous() ? delta : delta.contiguous();

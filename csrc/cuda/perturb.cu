@@ -74,9 +74,8 @@ struct Update {
   __device__ __forceinline__ static void apply(W& w, W& delta, D dir, AD f, bool has_prev) {
     const D nd = static_cast<D>(static_cast<AD>(dir) * f);
     const W nw = static_cast<W>(static_cast<AD>(nd));  // the stored perturbation, as the reference's .to(W)
-    if (has_prev) {
-      const W t = static_cast<W>(static_cast<AW>(nw) - static_cast<AW>(delta));
-      w = static_cast<W>(static_cast<AW>(w) + static_cast<AW>(t));
+    if (has_prev) {  // one rounding, as the CPU kernel and the reference
+      w = static_cast<W>(static_cast<AW>(w) + (static_cast<AW>(nw) - static_cast<AW>(delta)));
     } else {
       w = static_cast<W>(static_cast<AW>(w) + static_cast<AW>(nw));
     }
