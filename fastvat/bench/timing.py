@@ -87,8 +87,8 @@ def measure(fn, *, device="cpu", min_run_time=1.0, min_reps=3, max_reps=50, warm
 
 def measure_many(fns: dict, *, device="cpu", min_run_time=1.0, rounds=3, min_reps=3, max_reps=60,
                  warmup=1) -> dict:
-    """Time several functions interleaved (A B C, A B C, ...), so that a change of machine load
-    during the run hits all of them alike; returns {name: Stat} from the pooled samples.
+    """Time several functions interleaved (A B C, B C A, C A B, ...), so that a change of machine
+    load during the run hits all of them alike; returns {name: Stat} from the pooled samples.
 
     ``min_run_time`` is the time budget per function. Fast functions are timed in
     ``blocked_autorange`` blocks (one block per function per round); slow ones one call at a time,
@@ -113,8 +113,10 @@ def measure_many(fns: dict, *, device="cpu", min_run_time=1.0, rounds=3, min_rep
     for n in slow:
         reps = int(min(max(min_reps, math.ceil(min_run_time / max(first[n], 1e-9))), max_reps))
         per_round[n] = max(1, math.ceil(reps / rounds))
-    for _ in range(rounds):
-        for n in names:
+    for r in range(rounds):
+        # rotate the order every round, so that no function always runs right after the same one
+        # (the previous call's allocations and cache state bias a call by a few per cent)
+        for n in names[r % len(names):] + names[: r % len(names)]:
             if n in slow:
                 got = [timers[n].timeit(1).median for _ in range(per_round[n])]
             else:
