@@ -366,7 +366,8 @@ def test_perturb_independent_of_thread_count():
 # ---------------------------------------------------------------------------------------------
 # kl_div_with_logits
 # ---------------------------------------------------------------------------------------------
-KL_SHAPES = [(5, 7), (64, 1023), (3, 32000), (1, 131072), (2, 3, 17), (4, 1)]
+# (1, 131072) and (3, 200003) take the CPU kernel's column-span split (<= 4 rows of >= 64k classes)
+KL_SHAPES = [(5, 7), (64, 1023), (3, 32000), (1, 131072), (3, 200003), (2, 3, 17), (4, 1)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -396,6 +397,42 @@ def test_kl_matches_reference(device, dtype, shape):
     assert g.dtype == dtype
     assert_close(g, g_ref, dtype)
     assert (g[~mask] == 0).all()
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="vectorized CPU kernels not in use")
+def test_kl_long_rows_split_into_spans():
+    """Few long rows are cut into 32768-class spans merged in order: -inf across span edges, a span
+    that is all -inf, a row that is all -inf (NaN), results independent of the thread count."""
+    C = 3 * 32768 + 5
+    p, q = randn(2, C, scale=3.0), randn(2, C, seed=1, scale=3.0)
+    p[0, 32768:65536] = float("-inf")  # a whole span with probability 0
+    p[0, 32760:32776] = float("-inf")  # across a span edge
+    q[0, 32760:32770] = float("-inf")
+    p[1, -3:] = float("-inf")  # in the short last span
+    rows_ref = ref.kl_div_with_logits(p, q, reduction="none")
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            qq = q.clone().requires_grad_()
+            rows = ops.kl_div_with_logits(p, qq, reduction="none")
+            (g,) = torch.autograd.grad(rows.sum(), qq)
+            out.append((rows, g))
+    finally:
+        torch.set_num_threads(before)
+    for rows, g in out[1:]:
+        assert torch.equal(rows, out[0][0]) and torch.equal(g, out[0][1])
+    torch.testing.assert_close(out[0][0], rows_ref, rtol=1e-4, atol=1e-5)
+    q2 = q.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ref.kl_div_with_logits(p, q2, reduction="none").sum(), q2)
+    assert_close(out[0][1], g_ref, torch.float32)
+    # where p = -inf and q is finite the gradient is softmax(q) > 0; where both are -inf it is 0
+    assert (out[0][1][0, 32776:65536] > 0).all() and (out[0][1][0, 32760:32770] == 0).all()
+    dead = p.clone()
+    dead[1] = float("-inf")
+    rows = ops.kl_div_with_logits(dead, q, reduction="none")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

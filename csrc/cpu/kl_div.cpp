@@ -6,7 +6,8 @@
 // rescaled whenever a block of 16 vectors raises a lane's maximum (online softmax). The lanes are
 // merged in a fixed order, then loss = S/Zp - (mp + log Zp) + (mq + log Zq). When the gradient is
 // wanted a second pass over the same row (still in L2) writes it. Rows are independent and are
-// split over threads; masked rows (mask == 0) cost nothing and give loss 0, gradient 0.
+// split over threads (up to 4 rows of >= 64k classes: column spans, see kl_kernel_split); masked rows
+// (mask == 0) cost nothing and give loss 0, gradient 0.
 #include <torch/library.h>
 
 #include "common.h"
@@ -136,10 +137,91 @@ struct KLRow {
   }
 };
 
+// A handful of very long rows (at most kSplitMaxRows of at least kSplitCols classes: a 128k-class head
+// over a few samples) is cut into column spans of kSpan: the spans' statistics are taken in parallel
+// and merged per row in span order, then the gradient is written span by span. The choice and the
+// cut depend only on the shape, so the result does not depend on the number of threads. More rows
+// are split over threads whole: one row's two passes stay in cache, which the span split gives up.
+constexpr int64_t kSplitCols = 65536;
+constexpr int64_t kSplitMaxRows = 4;
+constexpr int64_t kSpan = 32768;
+
+template <typename A>
+RowStats<A> merge_stats(const RowStats<A>* part, int64_t n) {
+  RowStats<A> r;
+  r.mp = part[0].mp;
+  r.mq = part[0].mq;
+  for (int64_t i = 1; i < n; ++i) {
+    r.mp = std::max(r.mp, part[i].mp);
+    r.mq = std::max(r.mq, part[i].mq);
+  }
+  r.zp = r.zq = r.s = A(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const A cp = std::exp(part[i].mp - r.mp), cq = std::exp(part[i].mq - r.mq);
+    r.zp += part[i].zp * cp;
+    r.s += part[i].s * cp;
+    r.zq += part[i].zq * cq;
+  }
+  return r;
+}
+
+template <typename A>
+A row_loss(const RowStats<A>& r) {
+  const double loss = static_cast<double>(r.s) / static_cast<double>(r.zp) +
+                      (static_cast<double>(r.mq) - static_cast<double>(r.mp)) +
+                      (std::log(static_cast<double>(r.zq)) - std::log(static_cast<double>(r.zp)));
+  return static_cast<A>(loss);
+}
+
+template <typename T, typename A>
+void kl_kernel_split(const T* p, const T* q, const A* mask, int64_t N, int64_t C, A* rows, T* g) {
+  const int64_t ns = divup(C, kSpan);
+  std::vector<RowStats<A>> part(static_cast<size_t>(N * ns));
+  auto span = [&](int64_t item, int64_t& n, int64_t& a, int64_t& len) {
+    n = item / ns;
+    a = (item % ns) * kSpan;
+    len = std::min(C, a + kSpan) - a;
+  };
+  auto masked = [&](int64_t n) { return mask != nullptr && mask[n] == A(0); };
+  at::parallel_for(0, N * ns, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t n, a, len;
+      span(it, n, a, len);
+      if (!masked(n)) part[it] = KLRow<T>::stats(p + n * C + a, q + n * C + a, len);
+    }
+  });
+  std::vector<RowStats<A>> stats(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) {
+    if (masked(n)) {
+      rows[n] = A(0);
+      continue;
+    }
+    stats[n] = merge_stats(part.data() + n * ns, ns);
+    rows[n] = row_loss(stats[n]) * (mask != nullptr ? mask[n] : A(1));
+  }
+  if (g == nullptr) return;
+  at::parallel_for(0, N * ns, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t n, a, len;
+      span(it, n, a, len);
+      T* gs = g + n * C + a;
+      if (masked(n)) {
+        std::fill(gs, gs + len, T(0));
+      } else {
+        KLRow<T>::grad(p + n * C + a, q + n * C + a, len, stats[n], mask != nullptr ? mask[n] : A(1), gs);
+      }
+    }
+  });
+}
+
 template <typename T, typename A>
 void kl_kernel(const T* p, const T* q, const A* mask, int64_t N, int64_t C, A* rows, T* g) {
   using acc_t = typename VecIO<T>::acc_t;
   static_assert(std::is_same_v<acc_t, A>, "mask/rows must be in the accumulation dtype");
+  if (C >= kSplitCols && N <= kSplitMaxRows) {
+    kl_kernel_split<T, A>(p, q, mask, N, C, rows, g);
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n) {
@@ -153,10 +235,7 @@ void kl_kernel(const T* p, const T* q, const A* mask, int64_t N, int64_t C, A* r
       const T* pn = p + n * C;
       const T* qn = q + n * C;
       const RowStats<acc_t> r = KLRow<T>::stats(pn, qn, C);
-      const double loss = static_cast<double>(r.s) / static_cast<double>(r.zp) +
-                          (static_cast<double>(r.mq) - static_cast<double>(r.mp)) +
-                          (std::log(static_cast<double>(r.zq)) - std::log(static_cast<double>(r.zp)));
-      rows[n] = static_cast<acc_t>(loss) * m;
+      rows[n] = row_loss(r) * m;
       if (gn != nullptr) KLRow<T>::grad(pn, qn, C, r, m, gn);
     }
   });
