@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 namespace fastvat {
 namespace cuda {
@@ -104,7 +105,7 @@ void gather_dispatch(const at::Tensor& weight, const at::Tensor& ids, const at::
 
 at::Tensor embedding_gather_add_cuda(const at::Tensor& weight_in, const at::Tensor& ids_in,
                                      const at::Tensor& delta_in, const at::Tensor& di_in, int64_t padding_idx) {
-  (void)padding_idx;  // only the backward uses it
+  // padding_idx only matters to the backward; it is range-checked here as on the CPU.
   check_floating(weight_in, "weight");
   check_floating(delta_in, "delta");
   TORCH_CHECK(weight_in.is_cuda(), "fastvat.embedding_gather_add: weight must be a CUDA tensor");
@@ -113,14 +114,19 @@ at::Tensor embedding_gather_add_cuda(const at::Tensor& weight_in, const at::Tens
               "fastvat.embedding_gather_add: delta must be [rows, ", weight_in.size(1), "]");
   TORCH_CHECK(delta_in.scalar_type() == weight_in.scalar_type(),
               "fastvat.embedding_gather_add: delta must have weight's dtype");
-  for (const at::Tensor* t : {&ids_in, &delta_in, &di_in}) {
-    TORCH_CHECK(t->device() == weight_in.device(), "fastvat.embedding_gather_add: all tensors on one device");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&ids_in, "ids"}, {&delta_in, "delta"},
+                                {&di_in, "delta_index"}}) {
+    TORCH_CHECK(t->device() == weight_in.device(), "fastvat.embedding_gather_add: ", name, " is on ", t->device(),
+                " but weight is on ", weight_in.device());
   }
   TORCH_CHECK(ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt,
               "fastvat.embedding_gather_add: ids must be int32 or int64");
   TORCH_CHECK(di_in.scalar_type() == at::kLong || di_in.scalar_type() == at::kInt,
               "fastvat.embedding_gather_add: delta_index must be int32 or int64");
   TORCH_CHECK(di_in.sizes() == ids_in.sizes(), "fastvat.embedding_gather_add: delta_index must have ids' shape");
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < weight_in.size(0),
+              "fastvat.embedding_gather_add: padding_idx must be -1 or in [0, ", weight_in.size(0), "), got ",
+              padding_idx);
   c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor delta = delta_in.contiguous();

@@ -408,20 +408,25 @@ std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_i
   check_floating(p_in, "p_logits");
   check_floating(q_in, "q_logits");
   TORCH_CHECK(q_in.is_cuda(), "fastvat.kl_div_with_logits: q_logits must be a CUDA tensor");
+  TORCH_CHECK(q_in.dim() == 2, "fastvat.kl_div_with_logits: q_logits must be 2-D [N, C], got shape ", q_in.sizes());
   check_same(p_in, "p_logits", q_in, "q_logits");
-  TORCH_CHECK(q_in.dim() >= 1, "fastvat.kl_div_with_logits: the logits need a class dim");
+  TORCH_CHECK(p_in.scalar_type() == q_in.scalar_type(), "fastvat.kl_div_with_logits: p_logits must have q_logits' dtype ",
+              q_in.scalar_type(), ", got ", p_in.scalar_type());
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
-  const at::Tensor p = (p_in.scalar_type() == q.scalar_type() ? p_in : p_in.to(q.scalar_type())).contiguous();
+  const at::Tensor p = p_in.contiguous();
   const auto acc = at::toOpMathType(q.scalar_type());
-  const int64_t C = q.size(-1);
-  const int64_t N = C == 0 ? 1 : q.numel() / C;
+  const int64_t N = q.size(0);
+  const int64_t C = q.size(1);
   at::Tensor mask;
   if (mask_in.has_value() && mask_in->defined()) {
-    TORCH_CHECK(mask_in->device() == q.device(), "fastvat.kl_div_with_logits: mask must be on the logits' device");
-    TORCH_CHECK(mask_in->numel() == q.numel() / std::max<int64_t>(C, 1) || C == 0,
-                "fastvat.kl_div_with_logits: mask must have one entry per row");
-    mask = mask_in->to(acc).contiguous();
+    TORCH_CHECK(mask_in->scalar_type() == acc, "fastvat.kl_div_with_logits: mask must have dtype ", acc,
+                " for q_logits of dtype ", q.scalar_type(), ", got ", mask_in->scalar_type());
+    TORCH_CHECK(mask_in->device() == q.device(), "fastvat.kl_div_with_logits: mask is on ", mask_in->device(),
+                " but q_logits is on ", q.device());
+    TORCH_CHECK(mask_in->numel() == N, "fastvat.kl_div_with_logits: mask must have one entry per row (", N,
+                "), got shape ", mask_in->sizes());
+    mask = mask_in->contiguous();
   }
   auto lead = q.sizes().vec();
   lead.pop_back();

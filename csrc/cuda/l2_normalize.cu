@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 namespace fastvat {
@@ -304,6 +305,7 @@ at::Tensor l2_normalize_cuda(const at::Tensor& x_in, const std::optional<at::Ten
                              const std::optional<at::Tensor>& mask, double scale, c10::string_view norm_sv) {
   check_floating(x_in, "x");
   TORCH_CHECK(x_in.is_cuda(), "fastvat.l2_normalize: x must be a CUDA tensor");
+  TORCH_CHECK(std::isfinite(scale), "fastvat.l2_normalize: scale must be finite, got ", scale);
   const std::string norm(norm_sv.data(), norm_sv.size());
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -312,7 +314,9 @@ at::Tensor l2_normalize_cuda(const at::Tensor& x_in, const std::optional<at::Ten
   if (baseline.has_value() && baseline->defined()) {
     check_floating(*baseline, "baseline");
     check_same(*baseline, "baseline", x, "x");
-    b = baseline->to(x.scalar_type()).contiguous();
+    TORCH_CHECK(baseline->scalar_type() == x.scalar_type(), "fastvat.l2_normalize: baseline must have x's dtype ",
+                x.scalar_type(), ", got ", baseline->scalar_type());
+    b = baseline->contiguous();
   }
   const int64_t inner = mask_inner(x, mask);
   at::Tensor m;
