@@ -31,7 +31,9 @@ from fastvat.bench.timing import check, row
 SIZES = {
     "smoke": {"perturb": (4096, 128), "l2": (4, 32, 64), "kl": (64, 2000), "gather": ((2000, 64), (4, 32))},
     "default": {"perturb": (30522, 768), "l2": (32, 128, 768), "kl": (1024, 30522), "gather": ((30522, 768), (32, 128))},
-    "full": {"perturb": (30522, 768), "l2": (32, 128, 768), "kl": (4096, 30522), "gather": ((30522, 768), (32, 128))},
+    "full": {"perturb": (30522, 768), "l2": (32, 128, 768), "kl": (4096, 30522), "gather": ((30522, 768), (32, 128)),
+             # one very long row: the CPU kernel's column-span split (float32 only)
+             "kl_long": (1, 1_000_000)},
 }
 
 # Bars from the issues (CPU, float32, at the "full" shapes).
@@ -209,11 +211,11 @@ def case_l2(ctx, dtype, norm):
     return [r]
 
 
-def case_kl(ctx, dtype):
+def case_kl(ctx, dtype, key="kl"):
     from fastvat import ops
     from fastvat import reference as ref
 
-    B, V = ctx.sizes["kl"]
+    B, V = ctx.sizes[key]
     p = ctx.randn(B, V, dtype=dtype)
     q = ctx.randn(B, V, dtype=dtype).requires_grad_(True)
 
@@ -233,7 +235,7 @@ def case_kl(ctx, dtype):
         c(p, q).backward()
 
     bars = BARS["kl_div fwd+bwd"]
-    is_bar = dtype == torch.float32
+    is_bar = dtype == torch.float32 and key == "kl"
     r = _compare(ctx, case="kl_div_with_logits fwd+bwd", shape=_shape(B, V), dtype=dtype,
                  baseline_name="eager log_softmax+kl_div+bwd", baseline=eager, fastvat_fn=fast,
                  compiled_fn=comp_src, compiled_warm=comp_warm, nbytes=3 * B * V * p.element_size(),
@@ -306,12 +308,14 @@ def _plan(ctx, cases):
                 plan.append((f"l2_normalize {norm} {_dtname(dt)}", lambda dt=dt, n=norm: case_l2(ctx, dt, n)))
         if "kl" in wanted:
             plan.append((f"kl_div fwd+bwd {_dtname(dt)}", lambda dt=dt: case_kl(ctx, dt)))
+        if "kl_long" in wanted and "kl_long" in ctx.sizes and dt == torch.float32:
+            plan.append((f"kl_div fwd+bwd long row {_dtname(dt)}", lambda dt=dt: case_kl(ctx, dt, "kl_long")))
         if "gather" in wanted:
             plan.append((f"gather_add fwd+bwd {_dtname(dt)}", lambda dt=dt: case_gather(ctx, dt)))
     return plan
 
 
-def run(ctx, cases=("perturb", "l2", "kl", "gather")):
+def run(ctx, cases=("perturb", "l2", "kl", "kl_long", "gather")):
     """All op cases for the dtypes of ``ctx``; returns rows (each case's errors become a note)."""
     rows = []
     for label, fn in _plan(ctx, cases):
@@ -324,7 +328,7 @@ def run(ctx, cases=("perturb", "l2", "kl", "gather")):
     return rows
 
 
-def plan_size(ctx, cases=("perturb", "l2", "kl", "gather")):
+def plan_size(ctx, cases=("perturb", "l2", "kl", "kl_long", "gather")):
     return len(_plan(ctx, cases))
 
 
@@ -349,7 +353,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     ap.add_argument("--compile-cap", type=float, default=120.0, help="seconds allowed per torch.compile")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--cases", default="perturb,l2,kl,gather")
+    ap.add_argument("--cases", default="perturb,l2,kl,kl_long,gather")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     timing.stable_malloc()
