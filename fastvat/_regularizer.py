@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastvat import _checks
+from fastvat import _checks, _nonfinite
 from fastvat._model_io import StateGuard, extract_logits, resolve_embedding, strip_labels
 from fastvat._targets import InputTarget, OutputTarget, WeightTarget
 
@@ -17,7 +17,10 @@ TARGETS = ("input", "output", "weight")
 class Regularizer:
     """Base class: ``model`` plus where the perturbation goes (``embedding``/``target``/``norm``)."""
 
-    def __init__(self, model, embedding=None, *, norm=None, target=None, generator=None, drop_labels=True):
+    def __init__(self, model, embedding=None, *, norm=None, target=None, generator=None, drop_labels=True,
+                 nonfinite="raise"):
+        # what a NaN/Inf does in a call, for every regularizer (fastvat/_nonfinite.py)
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -29,12 +29,11 @@ def _model_loss(output):
 class _Supervised(Regularizer):
     def __init__(self, model, loss_fn=None, embedding=None, *, eps=1.0, norm=None, target=None, generator=None,
                  nonfinite="raise"):
-        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
         # With loss_fn=None the model computes its own loss, so it must see the labels.
         super().__init__(model, embedding, norm=norm, target=target, generator=generator,
-                         drop_labels=loss_fn is not None)
+                         drop_labels=loss_fn is not None, nonfinite=nonfinite)
         self.loss_fn = loss_fn
         self.eps = _checks.finite_number("eps", eps, positive=True)
 

@@ -1,10 +1,7 @@
 """Random-noise regularisation, the article's starting point (and VAT with iters=0)."""
 from __future__ import annotations
 
-import torch
-
 from fastvat import _checks, _nonfinite, ops
-from fastvat._model_io import extract_logits
 from fastvat._regularizer import Regularizer
 
 
@@ -26,8 +23,8 @@ class RandomNoise(Regularizer):
 
     def __init__(self, model, embedding=None, *, eps=1.0, sigma=None, k=1, loss_fn=None, norm=None, target=None,
                  generator=None, drop_labels=True, nonfinite="raise"):
-        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
-        super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels)
+        super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
+                         nonfinite=nonfinite)
         if sigma is not None:
             self.sigma = _checks.finite_number("sigma", sigma, positive=True)
             self.eps = None

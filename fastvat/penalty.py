@@ -36,8 +36,8 @@ class GradientPenalty(Regularizer):
 
     def __init__(self, model, embedding=None, *, form="kl", estimator="rademacher", samples=1, target=None,
                  generator=None, drop_labels=True, nonfinite="raise"):
-        self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
-        super().__init__(model, embedding, norm=None, target=target, generator=generator, drop_labels=drop_labels)
+        super().__init__(model, embedding, norm=None, target=target, generator=generator, drop_labels=drop_labels,
+                         nonfinite=nonfinite)
         if self.target == "weight":
             raise ValueError("target 'weight' has no per-example input gradient; use 'input' or 'output'")
         self.form = _checks.choice("form", form, FORMS)
@@ -82,7 +82,6 @@ class GradientPenalty(Regularizer):
                 return penalty
             # One host check: the penalty and the logits (a NaN logit need not reach the gradient, e.g.
             # in the "mse" form, where d(u·f)/df = u whatever f is).
-            return _nonfinite.checked_loss(
-                "GradientPenalty", self.nonfinite, penalty, ~_nonfinite.bad_logits(f.detach(), self._row_mask(f)),
-                lambda: LOGITS if bool(_nonfinite.bad_logits(f.detach(), self._row_mask(f))) else GRADIENT,
-                stacklevel=2)
+            bad = _nonfinite.bad_logits(f.detach(), self._row_mask(f))
+            return _nonfinite.checked_loss("GradientPenalty", self.nonfinite, penalty, ~bad,
+                                           lambda: LOGITS if bool(bad) else GRADIENT, stacklevel=2)

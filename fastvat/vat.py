@@ -49,7 +49,8 @@ class VAT(Regularizer):
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
                  generator=None, drop_labels=True, nonfinite="raise", hvp="auto"):
-        super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels)
+        super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
+                         nonfinite=nonfinite)
         d = DEFAULTS[self.target]
         self.xi = _checks.finite_number("xi", d["xi"] if xi is None else xi, positive=True)
         self.eps = _checks.finite_number("eps", d["eps"] if eps is None else eps, positive=True)
@@ -57,7 +58,6 @@ class VAT(Regularizer):
         # Power step: "finite_difference" (xi matters), "exact" (the xi -> 0 limit, see fastvat._hvp),
         # "auto": exact when it would run in fp16/bf16, where x + xi*d rounds back to x.
         self.hvp = _checks.choice("hvp", hvp, _hvp.MODES)
-        self.nonfinite = _checks.choice("nonfinite", nonfinite, NONFINITE)
 
     def __repr__(self):
         return (f"VAT(target={self.target!r}, norm={self.norm!r}, xi={self.xi}, eps={self.eps}, "
@@ -125,7 +125,7 @@ class VAT(Regularizer):
                 else:
                     t.current = t._normalise(d, self.eps, d)
             r = t.dense(t.current).detach()
-            if self.nonfinite == "raise" and not bool(torch.isfinite(r).all()):
+            if self.nonfinite == "raise" and not bool(_nonfinite.finite(r)):
                 raise FloatingPointError(
                     f"VAT: non-finite value (NaN or Inf) in {self._where_nonfinite(p, d, logits is not None)}"
                 )
