@@ -2,8 +2,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 namespace fastvat {
@@ -41,6 +43,50 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
   TORCH_CHECK(a.device() == b.device(), "fastvat: ", an, " and ", bn, " must be on one device");
   TORCH_CHECK(a.sizes() == b.sizes(), "fastvat: ", an, " has shape ", a.sizes(), " but ", bn, " has shape ",
               b.sizes());
+}
+
+// perturb_'s arguments, on either backend: floating weight/direction/delta of one shape and device,
+// delta in weight's dtype and not weight itself, a finite scale.
+inline void check_perturb_args(const at::Tensor& weight, const at::Tensor& direction, const at::Tensor& delta,
+                               double scale) {
+  check_floating(weight, "weight");
+  check_floating(direction, "direction");
+  check_floating(delta, "delta");
+  check_same(direction, "direction", weight, "weight");
+  check_same(delta, "delta", weight, "weight");
+  TORCH_CHECK(delta.scalar_type() == weight.scalar_type(), "fastvat: perturb_: delta must have weight's dtype ",
+              weight.scalar_type(), ", got ", delta.scalar_type());
+  TORCH_CHECK(std::isfinite(scale), "fastvat: perturb_: scale must be finite, got ", scale);
+  TORCH_CHECK(!weight.is_same(delta), "fastvat: perturb_: weight and delta must be different tensors");
+}
+
+// l2_normalize's x, baseline and scale, on either backend (norm and mask: norm_group_length, mask_inner).
+inline void check_l2_args(const at::Tensor& x, const c10::optional<at::Tensor>& baseline, double scale) {
+  check_floating(x, "x");
+  TORCH_CHECK(std::isfinite(scale), "fastvat: l2_normalize: scale must be finite, got ", scale);
+  if (!baseline.has_value() || !baseline->defined()) return;
+  check_same(*baseline, "baseline", x, "x");
+  TORCH_CHECK(baseline->scalar_type() == x.scalar_type(), "fastvat: l2_normalize: baseline must have x's dtype ",
+              x.scalar_type(), ", got ", baseline->scalar_type());
+}
+
+// kl_div_with_logits' arguments, on either backend: 2-D floating [N, C] logits of one dtype, shape
+// and device; a mask (optional) in the accumulation dtype, on that device, one entry per row.
+inline void check_kl_args(const at::Tensor& p, const at::Tensor& q, const c10::optional<at::Tensor>& mask) {
+  check_floating(p, "p_logits");
+  check_floating(q, "q_logits");
+  TORCH_CHECK(q.dim() == 2, "fastvat: kl_div_with_logits: q_logits must be 2-D [N, C], got shape ", q.sizes());
+  check_same(p, "p_logits", q, "q_logits");
+  TORCH_CHECK(p.scalar_type() == q.scalar_type(), "fastvat: kl_div_with_logits: p_logits must have q_logits' dtype ",
+              q.scalar_type(), ", got ", p.scalar_type());
+  if (!mask.has_value() || !mask->defined()) return;
+  const auto acc = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(mask->scalar_type() == acc, "fastvat: kl_div_with_logits: mask must have dtype ", acc,
+              " for q_logits of dtype ", q.scalar_type(), ", got ", mask->scalar_type());
+  TORCH_CHECK(mask->device() == q.device(), "fastvat: kl_div_with_logits: mask is on ", mask->device(),
+              " but q_logits is on ", q.device());
+  TORCH_CHECK(mask->numel() == q.size(0), "fastvat: kl_div_with_logits: mask must have one entry per row (",
+              q.size(0), "), got shape ", mask->sizes());
 }
 
 }  // namespace fastvat

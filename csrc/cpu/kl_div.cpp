@@ -273,26 +273,11 @@ std::tuple<at::Tensor, at::Tensor> kl_fallback(const at::Tensor& p, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cpu(const at::Tensor& p_logits, const at::Tensor& q_logits,
                                                           const c10::optional<at::Tensor>& mask, bool compute_grad) {
-  check_floating(p_logits, "p_logits");
-  check_floating(q_logits, "q_logits");
-  TORCH_CHECK(q_logits.dim() == 2, "fastvat: kl_div_with_logits: q_logits must be 2-D [N, C], got shape ",
-              q_logits.sizes());
-  check_same(p_logits, "p_logits", q_logits, "q_logits");
-  TORCH_CHECK(p_logits.scalar_type() == q_logits.scalar_type(),
-              "fastvat: kl_div_with_logits: p_logits must have q_logits' dtype ", q_logits.scalar_type(), ", got ",
-              p_logits.scalar_type());
+  check_kl_args(p_logits, q_logits, mask);
   const int64_t N = q_logits.size(0), C = q_logits.size(1);
-  const auto acc = q_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(q_logits.scalar_type());
   at::Tensor mc;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == acc, "fastvat: kl_div_with_logits: mask must have dtype ", acc,
-                " for q_logits of dtype ", q_logits.scalar_type(), ", got ", mask->scalar_type());
-    TORCH_CHECK(mask->device() == q_logits.device(), "fastvat: kl_div_with_logits: mask is on ", mask->device(),
-                " but q_logits is on ", q_logits.device());
-    TORCH_CHECK(mask->numel() == N, "fastvat: kl_div_with_logits: mask must have one entry per row (", N,
-                "), got shape ", mask->sizes());
-    mc = mask->contiguous().reshape({N});
-  }
+  if (mask.has_value() && mask->defined()) mc = mask->contiguous().reshape({N});
   const at::Tensor p = p_logits.contiguous(), q = q_logits.contiguous();
   if (!simd_enabled()) return kl_fallback(p, q, mc, compute_grad);
   at::Tensor rows = at::empty({N}, q.options().dtype(acc));

@@ -243,17 +243,11 @@ at::Tensor l2_normalize_fallback(const at::Tensor& x, const at::Tensor& b, const
 at::Tensor l2_normalize_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& baseline,
                             const c10::optional<at::Tensor>& mask, double scale, c10::string_view norm_sv) {
   const std::string norm(norm_sv);
-  check_floating(x, "x");
-  TORCH_CHECK(std::isfinite(scale), "fastvat: l2_normalize: scale must be finite, got ", scale);
+  check_l2_args(x, baseline, scale);
   const int64_t G = norm_group_length(x, norm);  // validates norm
   const at::Tensor xc = x.contiguous();
   at::Tensor bc;
-  if (baseline.has_value()) {
-    check_same(*baseline, "baseline", x, "x");
-    TORCH_CHECK(baseline->scalar_type() == x.scalar_type(), "fastvat: l2_normalize: baseline must have x's dtype ",
-                x.scalar_type(), ", got ", baseline->scalar_type());
-    bc = baseline->contiguous();
-  }
+  if (baseline.has_value()) bc = baseline->contiguous();
   const int64_t inner = mask_inner(x, mask);
   at::Tensor mc;
   if (mask.has_value()) mc = mask->contiguous();

@@ -114,15 +114,7 @@ void perturb_fallback(at::Tensor& w, const at::Tensor& d, at::Tensor& delta, dou
 
 void perturb_cpu(at::Tensor& weight, const at::Tensor& direction, at::Tensor& delta, double scale,
                  bool has_previous) {
-  check_floating(weight, "weight");
-  check_floating(direction, "direction");
-  check_floating(delta, "delta");
-  check_same(direction, "direction", weight, "weight");
-  check_same(delta, "delta", weight, "weight");
-  TORCH_CHECK(delta.scalar_type() == weight.scalar_type(), "fastvat: perturb_: delta must have weight's dtype ",
-              weight.scalar_type(), ", got ", delta.scalar_type());
-  TORCH_CHECK(std::isfinite(scale), "fastvat: perturb_: scale must be finite, got ", scale);
-  TORCH_CHECK(!weight.is_same(delta), "fastvat: perturb_: weight and delta must be different tensors");
+  check_perturb_args(weight, direction, delta, scale);
   const int64_t numel = weight.numel();
   if (numel == 0) return;
   // Read direction first (it may alias delta or weight).

@@ -405,13 +405,8 @@ void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mas
 std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
                                                            const std::optional<at::Tensor>& mask_in,
                                                            bool compute_grad) {
-  check_floating(p_in, "p_logits");
-  check_floating(q_in, "q_logits");
   TORCH_CHECK(q_in.is_cuda(), "fastvat.kl_div_with_logits: q_logits must be a CUDA tensor");
-  TORCH_CHECK(q_in.dim() == 2, "fastvat.kl_div_with_logits: q_logits must be 2-D [N, C], got shape ", q_in.sizes());
-  check_same(p_in, "p_logits", q_in, "q_logits");
-  TORCH_CHECK(p_in.scalar_type() == q_in.scalar_type(), "fastvat.kl_div_with_logits: p_logits must have q_logits' dtype ",
-              q_in.scalar_type(), ", got ", p_in.scalar_type());
+  check_kl_args(p_in, q_in, mask_in);
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
   const at::Tensor p = p_in.contiguous();
@@ -419,15 +414,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_i
   const int64_t N = q.size(0);
   const int64_t C = q.size(1);
   at::Tensor mask;
-  if (mask_in.has_value() && mask_in->defined()) {
-    TORCH_CHECK(mask_in->scalar_type() == acc, "fastvat.kl_div_with_logits: mask must have dtype ", acc,
-                " for q_logits of dtype ", q.scalar_type(), ", got ", mask_in->scalar_type());
-    TORCH_CHECK(mask_in->device() == q.device(), "fastvat.kl_div_with_logits: mask is on ", mask_in->device(),
-                " but q_logits is on ", q.device());
-    TORCH_CHECK(mask_in->numel() == N, "fastvat.kl_div_with_logits: mask must have one entry per row (", N,
-                "), got shape ", mask_in->sizes());
-    mask = mask_in->contiguous();
-  }
+  if (mask_in.has_value() && mask_in->defined()) mask = mask_in->contiguous();
   auto lead = q.sizes().vec();
   lead.pop_back();
   at::Tensor rows = at::empty(lead, q.options().dtype(acc));

@@ -303,21 +303,14 @@ void l2_dispatch(const at::Tensor& x, const at::Tensor& b, const at::Tensor& m, 
 
 at::Tensor l2_normalize_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& baseline,
                              const std::optional<at::Tensor>& mask, double scale, c10::string_view norm_sv) {
-  check_floating(x_in, "x");
   TORCH_CHECK(x_in.is_cuda(), "fastvat.l2_normalize: x must be a CUDA tensor");
-  TORCH_CHECK(std::isfinite(scale), "fastvat.l2_normalize: scale must be finite, got ", scale);
+  check_l2_args(x_in, baseline, scale);
   const std::string norm(norm_sv.data(), norm_sv.size());
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t G = norm_group_length(x, norm);
   at::Tensor b;
-  if (baseline.has_value() && baseline->defined()) {
-    check_floating(*baseline, "baseline");
-    check_same(*baseline, "baseline", x, "x");
-    TORCH_CHECK(baseline->scalar_type() == x.scalar_type(), "fastvat.l2_normalize: baseline must have x's dtype ",
-                x.scalar_type(), ", got ", baseline->scalar_type());
-    b = baseline->contiguous();
-  }
+  if (baseline.has_value() && baseline->defined()) b = baseline->contiguous();
   const int64_t inner = mask_inner(x, mask);
   at::Tensor m;
   if (mask.has_value() && mask->defined() && mask->numel() > 0) m = mask->contiguous();

@@ -177,16 +177,8 @@ void perturb_dispatch(at::Tensor& weight, const at::Tensor& dir, at::Tensor& del
 
 void perturb_cuda(at::Tensor& weight, const at::Tensor& direction_in, at::Tensor& delta, double scale,
                   bool has_previous) {
-  check_floating(weight, "weight");
-  check_floating(direction_in, "direction");
-  check_floating(delta, "delta");
   TORCH_CHECK(weight.is_cuda(), "fastvat.perturb_: weight must be a CUDA tensor");
-  check_same(direction_in, "direction", weight, "weight");
-  check_same(delta, "delta", weight, "weight");
-  TORCH_CHECK(delta.scalar_type() == weight.scalar_type(), "fastvat.perturb_: delta must have weight's dtype ",
-              weight.scalar_type(), ", got ", delta.scalar_type());
-  TORCH_CHECK(std::isfinite(scale), "fastvat.perturb_: scale must be finite, got ", scale);
-  TORCH_CHECK(!weight.is_same(delta), "fastvat.perturb_: weight and delta must be different tensors");
+  check_perturb_args(weight, direction_in, delta, scale);
   c10::cuda::CUDAGuard guard(weight.device());
   if (weight.numel() == 0) return;
   // Read direction first (it may alias delta or weight).
