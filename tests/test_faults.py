@@ -455,22 +455,26 @@ def test_zero_gradient_gives_zero_perturbation(cls, target):
         assert float(fastvat.GradientPenalty(model, **TARGETS[target])(x).detach()) == 0.0
 
 
+class MinusInf(nn.Module):
+    """A linear model whose logits are -inf where ``where(logits)`` is true."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.where = where
+
+    def forward(self, x):
+        z = self.fc(x)
+        return z.masked_fill(self.where(z), float("-inf"))
+
+
 @pytest.mark.parametrize("name", ["VAT"] + list(OTHERS))
 @pytest.mark.parametrize("nonfinite", ["raise", "zero"])
 def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite, name):
     """-inf logits mean probability 0 (a masked class); NaN and +inf are errors."""
 
-    class Masked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(5, 4)
-
-        def forward(self, x):
-            z = self.fc(x)
-            return z.masked_fill(torch.tensor([False, False, False, True]), float("-inf"))
-
     torch.manual_seed(0)
-    model = Masked()
+    model = MinusInf(lambda z: torch.tensor([False, False, False, True]))  # class 3 masked
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
@@ -535,15 +539,7 @@ def test_nonfinite_zero_loss_can_be_backpropagated_alone(name):
 
 
 def test_all_minus_inf_clean_row_is_named_as_the_clean_logits():
-    class NoDistribution(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(5, 4)
-
-        def forward(self, x):
-            z = self.fc(x)
-            return z.masked_fill(torch.arange(z.shape[0])[:, None] == 2, float("-inf"))  # row 2: all -inf
-
     torch.manual_seed(0)
+    model = MinusInf(lambda z: torch.arange(z.shape[0])[:, None] == 2)  # row 2: all -inf
     with pytest.raises(FloatingPointError, match="clean logits"):
-        fastvat.VAT(NoDistribution())(torch.randn(8, 5))
+        fastvat.VAT(model)(torch.randn(8, 5))
