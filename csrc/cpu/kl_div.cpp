@@ -22,6 +22,26 @@ struct RowStats {
   A mp, zp, mq, zq, s;
 };
 
+// Online-softmax statistics of parts of one row (vector lanes, or column spans), merged in part order.
+template <typename A>
+RowStats<A> merge_stats(const RowStats<A>* part, int64_t n) {
+  RowStats<A> r;
+  r.mp = part[0].mp;
+  r.mq = part[0].mq;
+  for (int64_t i = 1; i < n; ++i) {
+    r.mp = std::max(r.mp, part[i].mp);
+    r.mq = std::max(r.mq, part[i].mq);
+  }
+  r.zp = r.zq = r.s = A(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const A cp = std::exp(part[i].mp - r.mp), cq = std::exp(part[i].mq - r.mq);
+    r.zp += part[i].zp * cp;
+    r.s += part[i].s * cp;
+    r.zq += part[i].zq * cq;
+  }
+  return r;
+}
+
 template <typename V>
 inline V vexp(const V& v) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
@@ -104,21 +124,9 @@ struct KLRow {
     mq.store(amq);
     zq.store(azq);
     s.store(as);
-    RowStats<acc_t> r;
-    r.mp = amp[0];
-    r.mq = amq[0];
-    for (int64_t l = 1; l < W; ++l) {
-      r.mp = std::max(r.mp, amp[l]);
-      r.mq = std::max(r.mq, amq[l]);
-    }
-    r.zp = r.zq = r.s = acc_t(0);
-    for (int64_t l = 0; l < W; ++l) {
-      const acc_t cp = std::exp(amp[l] - r.mp), cq = std::exp(amq[l] - r.mq);
-      r.zp += azp[l] * cp;
-      r.s += as[l] * cp;
-      r.zq += azq[l] * cq;
-    }
-    return r;
+    RowStats<acc_t> lanes[W];
+    for (int64_t l = 0; l < W; ++l) lanes[l] = {amp[l], azp[l], amq[l], azq[l], as[l]};
+    return merge_stats(lanes, W);
   }
 
   // g = (e^{q - mq} / Zq - e^{p - mp} / Zp) * m
@@ -145,25 +153,6 @@ struct KLRow {
 constexpr int64_t kSplitCols = 65536;
 constexpr int64_t kSplitMaxRows = 4;
 constexpr int64_t kSpan = 32768;
-
-template <typename A>
-RowStats<A> merge_stats(const RowStats<A>* part, int64_t n) {
-  RowStats<A> r;
-  r.mp = part[0].mp;
-  r.mq = part[0].mq;
-  for (int64_t i = 1; i < n; ++i) {
-    r.mp = std::max(r.mp, part[i].mp);
-    r.mq = std::max(r.mq, part[i].mq);
-  }
-  r.zp = r.zq = r.s = A(0);
-  for (int64_t i = 0; i < n; ++i) {
-    const A cp = std::exp(part[i].mp - r.mp), cq = std::exp(part[i].mq - r.mq);
-    r.zp += part[i].zp * cp;
-    r.s += part[i].s * cp;
-    r.zq += part[i].zq * cq;
-  }
-  return r;
-}
 
 template <typename A>
 A row_loss(const RowStats<A>& r) {
