@@ -340,6 +340,17 @@ def bench_sweep(ctx):
     return rows
 
 
+def _bound_checks(res, prefix=""):
+    """fastvat against the bare-pass bound (bar) and the naive step (bar), and naive against the bound."""
+    f, b, n = res["fastvat"], res["bound"], res["naive"]
+    fb, nf = ratio(f, b), ratio(n, f)
+    return [
+        check(f"{prefix}fastvat / bare-pass bound", fb, f"<={BARS['bound']}", fb <= BARS["bound"]),
+        check(f"{prefix}naive / bare-pass bound", ratio(n, b), None, None),
+        check(f"{prefix}naive / fastvat", nf, f">={BARS['naive']}", nf >= BARS["naive"]),
+    ]
+
+
 def plan_size(ctx):
     """Progress ticks of ``run`` (for the progress bar)."""
     n = 1 + (1 if ctx.compile else 0)  # output mode
@@ -361,13 +372,10 @@ def run(ctx, *, sweep=True):
     del model
     rows += out_rows
     f, fl, n = res["fastvat"], res["fastvat_logits"], res["naive"]
-    b, bl, p = res["bound"], res["bound_logits"], res["plain"]
-    fb, flbl, nf, nfl = ratio(f, b), ratio(fl, bl), ratio(n, f), ratio(n, fl)
-    checks += [
-        check("fastvat / bare-pass bound", fb, f"<={BARS['bound']}", fb <= BARS["bound"]),
+    bl, p = res["bound_logits"], res["plain"]
+    flbl, nfl = ratio(fl, bl), ratio(n, fl)
+    checks += _bound_checks(res) + [
         check("fastvat(logits=) / bound(logits=)", flbl, f"<={BARS['bound']}", flbl <= BARS["bound"]),
-        check("naive / bare-pass bound", ratio(n, b), None, None),
-        check("naive / fastvat", nf, f">={BARS['naive']}", nf >= BARS["naive"]),
         check("naive / fastvat(logits=)", nfl, f">={BARS['naive_logits']}", nfl >= BARS["naive_logits"]),
         check("VAT/plain (output target)", ratio(f, p), None, None),
     ]
@@ -399,14 +407,7 @@ def run(ctx, *, sweep=True):
         brows, bres = bench_output_mode(ctx, model, "BERT-base width", batch_size=bw["batch"], seq=bw["seq"])
         del model
         rows += brows
-        bf, bb, bn = bres["fastvat"], bres["bound"], bres["naive"]
-        checks += [
-            check("BERT-base width: fastvat / bare-pass bound", ratio(bf, bb), f"<={BARS['bound']}",
-                  ratio(bf, bb) <= BARS["bound"]),
-            check("BERT-base width: naive / bare-pass bound", ratio(bn, bb), None, None),
-            check("BERT-base width: naive / fastvat", ratio(bn, bf), f">={BARS['naive']}",
-                  ratio(bn, bf) >= BARS["naive"]),
-        ]
+        checks += _bound_checks(bres, "BERT-base width: ")
     if ctx.minilm:
         m = minilm(ctx)
         if m is None:
@@ -414,10 +415,7 @@ def run(ctx, *, sweep=True):
         else:
             mrows, mres = bench_output_mode(ctx, m, "MiniLM-L6", batch_size=c["batch"], seq=c["seq"])
             rows += mrows
-            checks.append(check("MiniLM: fastvat / bare-pass bound", ratio(mres["fastvat"], mres["bound"]),
-                                f"<={BARS['bound']}", ratio(mres["fastvat"], mres["bound"]) <= BARS["bound"]))
-            checks.append(check("MiniLM: naive / fastvat", ratio(mres["naive"], mres["fastvat"]),
-                                f">={BARS['naive']}", ratio(mres["naive"], mres["fastvat"]) >= BARS["naive"]))
+            checks += _bound_checks(mres, "MiniLM: ")
             del m
     if sweep:
         rows += bench_sweep(ctx)
