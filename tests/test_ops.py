@@ -230,6 +230,13 @@ def test_perturb_semantics(device, dtype):
     close(w, w0, 4)
 
 
+def exact_norm_direction(n, mags, g):
+    """n random signs times magnitudes drawn from ``mags`` (small dyadic numbers): the sum of squares
+    is exact in float32 in any order, so every backend computes the same norm factor."""
+    mags = torch.tensor(mags)
+    return mags[torch.randint(0, len(mags), (n,), generator=g)] * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_perturb_16bit_rounding_is_exact(device, dtype):
@@ -238,8 +245,7 @@ def test_perturb_16bit_rounding_is_exact(device, dtype):
     is made exact: every |direction| is a small dyadic number, so the norm's partial sums are exact."""
     g = torch.Generator().manual_seed(0)
     n = 3 * 16384 + 77  # several reduction chunks and a vector tail
-    mags = torch.tensor([1.0, 1.5, 1.25, 1.75, 0.5, 0.75, 2.0, 1.125])
-    d = (mags[torch.randint(0, 8, (n,), generator=g)] * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)).to(dtype)
+    d = exact_norm_direction(n, [1.0, 1.5, 1.25, 1.75, 0.5, 0.75, 2.0, 1.125], g).to(dtype)
     # 1 + 2**-8 (+ 2**-11 for fp16) is halfway between two bf16 (fp16) neighbours of 1: d = 1 is a tie
     f = 1.0 + 2.0 ** -8 if dtype == torch.bfloat16 else 1.0 + 2.0 ** -11
     norm = d.double().norm().item()
@@ -333,9 +339,7 @@ def test_perturb_rounding_matches_the_reference_bit_for_bit(device):
     direction for a wider weight: new is rounded to the direction's dtype first (l2_normalize's output)."""
     g = torch.Generator().manual_seed(3)
     n = 2 * 16384 + 5
-    # directions of exact norm (dyadic magnitudes), so every backend computes the same factor
-    mags = torch.tensor([1.0, 1.5, 1.25, 0.75])
-    d = mags[torch.randint(0, 4, (n,), generator=g)] * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+    d = exact_norm_direction(n, [1.0, 1.5, 1.25, 0.75], g)
     scale = 0.37 * d.double().norm().item()
     w0 = (torch.randn(n, generator=g) * 0.05).to(torch.bfloat16)
     prev0 = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16)
