@@ -76,6 +76,8 @@ inline void check_kl_args(const at::Tensor& p, const at::Tensor& q, const c10::o
   check_floating(p, "p_logits");
   check_floating(q, "q_logits");
   TORCH_CHECK(q.dim() == 2, "fastvat: kl_div_with_logits: q_logits must be 2-D [N, C], got shape ", q.sizes());
+  TORCH_CHECK(q.size(1) > 0, "fastvat: kl_div_with_logits: q_logits has no classes (shape ", q.sizes(),
+              "): a softmax over zero classes is undefined");
   check_same(p, "p_logits", q, "q_logits");
   TORCH_CHECK(p.scalar_type() == q.scalar_type(), "fastvat: kl_div_with_logits: p_logits must have q_logits' dtype ",
               q.scalar_type(), ", got ", p.scalar_type());

@@ -58,16 +58,12 @@ def l2_normalize(x, *, scale=1.0, norm="global", mask=None, baseline=None):
     return torch.ops.fastvat.l2_normalize(x, baseline, mask, scale, norm)
 
 
-def _group_sum(t, norm):
-    if norm == "global":
-        return t.sum().reshape((1,) * t.dim())
-    if norm == "sample":
-        return t.reshape(t.shape[0], -1).sum(1).reshape((t.shape[0],) + (1,) * (t.dim() - 1))
-    return t.sum(-1, keepdim=True)
-
-
 def _l2_normalize_backward_math(grad, x, baseline, mask, scale, norm):
-    """d/dv of s*v/||v|| is (s/||v||)(I - u u^T), u = v/||v||; zero where ||v|| = 0."""
+    """d/dv of s*v/||v|| is (s/||v||)(I - u u^T), u = v/||v||; zero where ||v|| = 0.
+
+    v is scaled by a power of two per group first (reference.pow2_scaled), so that tiny and huge
+    groups have a norm; group sums run in a fixed order, so the result does not depend on threads.
+    """
     dt = ref.acc_dtype(x.dtype)
     v = x.to(dt)
     if baseline is not None:
@@ -79,10 +75,12 @@ def _l2_normalize_backward_math(grad, x, baseline, mask, scale, norm):
     g = grad.to(dt)
     if m is not None:
         g = g * m
-    n = _group_sum(v * v, norm).sqrt()
-    safe = torch.where(n > 0, n, torch.ones_like(n))
-    u = v / safe
-    gv = torch.where(n > 0, scale / safe, torch.zeros_like(n)) * (g - u * _group_sum(u * g, norm))
+    t, s, usable = ref.pow2_scaled(v, norm)
+    nt = torch.where(usable, ref.group_sumsq(t, norm), torch.ones_like(s)).sqrt()
+    u = t / nt
+    # s/||v|| = s * 2^-e / ||t||, formed in float64 where a tiny group's factor still fits
+    coef = torch.where(usable, (scale * s.double()) / nt.double(), torch.zeros_like(nt, dtype=torch.float64)).to(dt)
+    gv = coef * (g - u * ref.group_sum(u * g, norm))
     if m is not None:
         gv = gv * m
     return gv
@@ -115,6 +113,9 @@ def perturb_(weight, direction, *, scale, previous=None, out=None):
     ``new = scale * direction / ||direction||`` (global norm), ``weight += new - previous``,
     returns ``new``. ``new`` is written over ``previous`` when it is given (so the loop reuses
     one buffer), else into ``out``, else into a fresh tensor. ``restore_(weight, new)`` undoes it.
+    direction may be the very same memory as weight, previous or out (it is read in full first),
+    and out the same as previous; any other sharing of memory between the arguments (views of one
+    buffer that partly overlap, or previous/out being weight) is a ValueError.
     """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("direction", direction, floating=True)
@@ -129,9 +130,12 @@ def perturb_(weight, direction, *, scale, previous=None, out=None):
             if buf.dtype != weight.dtype:
                 raise TypeError(f"{name} must have weight's dtype {weight.dtype}, got {buf.dtype}")
     _checks.not_grad_leaf("weight", weight)
+    _check_perturb_overlap(weight=weight, direction=direction, previous=previous, out=out)
     if not _use_kernel(weight):
         return ref.perturb_(weight, direction, scale, previous=previous, out=out)
     if previous is not None and out is not None and out is not previous:
+        if _checks.memory_overlap(out, direction) != "none":
+            direction = direction.clone()  # out receives previous before the kernel reads direction
         out.copy_(previous)
         delta = out
     elif previous is not None:
@@ -153,6 +157,31 @@ def perturb_(weight, direction, *, scale, previous=None, out=None):
     return delta
 
 
+# The pairs of perturb_'s arguments that may be one and the same memory. Every element is read
+# before it is written, so direction may be anything; previous and out are then one buffer.
+_SAME_MEMORY_ALLOWED = {("weight", "direction"), ("direction", "previous"), ("direction", "out"), ("previous", "out")}
+
+
+def _check_perturb_overlap(**tensors):
+    """Raise if two arguments share memory other than as allowed above: with partly overlapping
+    views the result would depend on the order in which the kernel's threads write."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    for i, (a_name, a) in enumerate(named):
+        for b_name, b in named[i + 1:]:
+            how = _checks.memory_overlap(a, b)
+            if how == "none" or (how == "same" and (a_name, b_name) in _SAME_MEMORY_ALLOWED):
+                continue
+            if how == "same":
+                raise ValueError(
+                    f"{a_name} and {b_name} are the same memory; {b_name} must be a separate buffer "
+                    f"(it receives or holds the perturbation, which is added to {a_name})"
+                )
+            raise ValueError(
+                f"{a_name} and {b_name} partially overlap (views of one buffer that share some elements); "
+                "pass separate tensors, or the very same one where aliasing is allowed"
+            )
+
+
 def restore_(weight, previous):
     """Undo ``perturb_``: ``weight -= previous`` (exact up to one rounding; see docs/numerics)."""
     _checks.tensor("weight", weight, floating=True)
@@ -169,9 +198,14 @@ def restore_(weight, previous):
 def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
     """KL(softmax(p) || softmax(q)) over the last dim; p is a constant (no gradient).
 
-    reduction: ``"batchmean"`` sum / size of dim 0 (as ``F.kl_div``), ``"mean"`` sum / number of
-    unmasked rows, ``"sum"``, or ``"none"`` (one value per row, shape ``q_logits.shape[:-1]``).
-    mask: bool or 0/1 over leading dims of the logits (not the class dim); masked rows count 0.
+    reduction: ``"batchmean"`` the sum over rows / ``q_logits.shape[0]`` for logits of two or more
+    dims (as ``F.kl_div``); 1-D logits are a single distribution, whose batchmean is its sum (``F.kl_div``
+    would divide a 1-D input by its number of classes). ``"mean"`` sum / number of unmasked rows,
+    ``"sum"``, or ``"none"`` (one value per row, shape ``q_logits.shape[:-1]``).
+    mask: bool or 0/1 over the leading dims of the logits (not the class dim), or over the first few
+    of them: a ``[B]`` mask on ``[B, T, C]`` logits masks whole samples, all T rows of each (so
+    ``"mean"`` counts T rows per kept sample). Masked rows count 0.
+    Logits with no classes (last dim 0) are a ValueError.
     The loss is float32 for half inputs (float64 for float64). The gradient w.r.t. q_logits is
     computed in the forward pass; backward only scales it.
     """
@@ -182,14 +216,15 @@ def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
     _checks.choice("reduction", reduction, REDUCTIONS)
     if q_logits.dim() == 0:
         raise ValueError("q_logits must have a class dim (at least 1-D), got a 0-dim tensor")
+    if q_logits.shape[-1] == 0:
+        # softmax over no classes is no distribution: the kernels cannot take it and the reference
+        # would quietly give zeros
+        raise ValueError(
+            f"q_logits has no classes: shape {tuple(q_logits.shape)} has a last (class) dim of size 0"
+        )
     lead = tuple(q_logits.shape[:-1])
     if mask is not None:
-        if mask.dim() > len(lead):
-            raise ValueError(
-                f"mask has {mask.dim()} dims but the logits have {len(lead)} leading (non-class) dims"
-            )
-        probe = torch.empty(lead + (1,), device=q_logits.device, dtype=q_logits.dtype)
-        mask = _checks.leading_mask(mask, probe, x_name="the logits' leading dims").reshape(lead)
+        mask = _row_mask(mask, q_logits)
     batch = q_logits.shape[0] if q_logits.dim() > 1 else 1
     if not _use_kernel(q_logits):
         return ref.kl_div_with_logits(p_logits, q_logits, mask=mask, reduction=reduction)
@@ -203,6 +238,18 @@ def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
     rows, _ = torch.ops.fastvat.kl_div_with_logits(p2, q2, mask_flat, compute_grad)
     rows = rows.reshape(lead)
     return ref.reduce_rows(rows, reduction, batch, mask)
+
+
+def _row_mask(mask, q_logits):
+    """The mask validated and expanded to every leading dim of the logits: a mask over the first k
+    of them covers, for each of its entries, all the rows below it."""
+    _checks.tensor("mask", mask)
+    lead = tuple(q_logits.shape[:-1])
+    if mask.dim() > len(lead):
+        raise ValueError(f"mask has {mask.dim()} dims but the logits have {len(lead)} leading (non-class) dims")
+    probe = torch.empty(lead + (1,), device=q_logits.device, dtype=q_logits.dtype)
+    mask = _checks.leading_mask(mask, probe, x_name="the logits' leading dims")
+    return mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.dim())).expand(lead)
 
 
 def _kl_setup(ctx, inputs, output):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 NORMS = ("global", "sample", "token")
+# Elements per partial sum of a long norm group (as in the CPU kernels).
+CHUNK = 16384
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
@@ -24,14 +26,54 @@ def _mask_like(mask: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch
     return mask.to(dtype).reshape(mask.shape + (1,) * trailing)
 
 
+def group_sum(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """Sum per norm group, shaped to broadcast against t, in an order fixed by the shape alone.
+
+    Long groups are summed in chunks of ``CHUNK`` elements and the chunk sums added after, each
+    reduction small enough to run on one thread: the result is the same for any number of threads.
+    """
+    if norm == "token":
+        return t.sum(-1, keepdim=True)
+    groups = 1 if norm == "global" else t.shape[0]
+    flat = t.reshape(groups, -1)
+    size = flat.shape[1]
+    whole = size - size % CHUNK
+    sums = flat[:, :whole].reshape(groups, -1, CHUNK).sum(-1)
+    if whole < size:
+        sums = torch.cat([sums, flat[:, whole:].sum(-1, keepdim=True)], dim=1)
+    total = sums.sum(-1)
+    if norm == "global":
+        return total.reshape((1,) * t.dim())
+    return total.reshape((t.shape[0],) + (1,) * (t.dim() - 1))
+
+
 def group_sumsq(v: torch.Tensor, norm: str) -> torch.Tensor:
     """Sum of squares per norm group, shaped to broadcast against v."""
-    sq = v * v
+    return group_sum(v * v, norm)
+
+
+def group_amax(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """max |v| per norm group, shaped to broadcast against v (NaN if the group holds one)."""
+    a = v.abs()
     if norm == "global":
-        return sq.sum().reshape((1,) * v.dim())
+        return a.amax().reshape((1,) * v.dim())
     if norm == "sample":
-        return sq.reshape(v.shape[0], -1).sum(1).reshape((v.shape[0],) + (1,) * (v.dim() - 1))
-    return sq.sum(-1, keepdim=True)
+        return a.reshape(v.shape[0], -1).amax(1).reshape((v.shape[0],) + (1,) * (v.dim() - 1))
+    return a.amax(-1, keepdim=True)
+
+
+def pow2_scaled(v: torch.Tensor, norm: str):
+    """(t, s, usable): t = v * s per group, s the power of two that brings the group's max |v| into
+    [0.5, 1), so that no square of t under- or overflows (as LAPACK's nrm2 scales). Scaling by a power
+    of two is exact and cancels out of v / ||v||. usable: the group is finite and not all zero;
+    other groups keep s = 1."""
+    amax = group_amax(v, norm)
+    usable = torch.isfinite(amax) & (amax > 0)
+    _, ex = torch.frexp(torch.where(usable, amax, torch.ones_like(amax)))
+    # clamped so that 2^-ex stays finite in v's dtype (a group of subnormals)
+    ex = ex.clamp_min(-1021 if v.dtype == torch.float64 else -125)
+    s = torch.ldexp(torch.ones_like(amax), -ex)
+    return v * s, s, usable
 
 
 def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
@@ -44,14 +86,14 @@ def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
         v = v * _mask_like(mask, x, dt)
     if v.numel() == 0:
         return v.to(x.dtype)
-    ss = group_sumsq(v, norm)
-    nonzero = ss > 0
+    t, _, usable = pow2_scaled(v, norm)
+    ss = group_sumsq(t, norm)
     # sqrt of a safe value: sqrt'(0) is infinite, which would turn the zero gradient of a
     # zero-norm group (e.g. a fully masked sample) into NaN.
     # the factor in float64 (as the kernels compute it): exact whenever scale/||v|| is representable
-    n = torch.where(nonzero, ss, torch.ones_like(ss)).double().sqrt()
-    factor = torch.where(nonzero, scale / n, torch.zeros_like(n)).to(dt)
-    return (v * factor).to(x.dtype)
+    n = torch.where(usable, ss, torch.ones_like(ss)).double().sqrt()
+    factor = torch.where(usable, scale / n, torch.zeros_like(n)).to(dt)
+    return (t * factor).to(x.dtype)
 
 
 def perturb_(weight, direction, scale, previous=None, out=None):

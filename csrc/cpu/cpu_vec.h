@@ -47,6 +47,107 @@ constexpr int64_t kChunk = 16384;
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Robust L2 norms. The fast path sums squares in the accumulation type A, which underflows for tiny
+// vectors (fp32: |x| below ~1e-19 per element) and overflows for huge ones (above ~1e19). A sum of
+// `count` squares is trusted when it is finite and far enough above A's smallest normal that squares
+// lost to underflow change it by less than A's rounding, and the factor scale/||v|| is used as an A
+// when it is zero or a normal A. Everything else is recomputed with scaled_norm.
+template <typename A>
+inline bool sumsq_trusted(double ss, int64_t count) {
+  return std::isfinite(ss) && ss >= static_cast<double>(count) * static_cast<double>(std::numeric_limits<A>::min()) * 0x1p24;
+}
+
+template <typename A>
+inline bool usable_factor(double f) {
+  const double a = std::abs(f);
+  return a == 0.0 || (a >= static_cast<double>(std::numeric_limits<A>::min()) &&
+                      a <= static_cast<double>(std::numeric_limits<A>::max()));
+}
+
+// scale / ||v|| as ldexp(unit, -ex): v scaled by the power of two that brings its largest |v| into
+// [0.5, 1) (as LAPACK's nrm2 does), squared and summed in double, where nothing under- or overflows.
+// unit == 0 for a group that is exactly zero or holds a NaN/Inf (such a group gets factor 0, as on
+// the fast path).
+struct ScaledNorm {
+  int ex = 0;
+  double unit = 0.0;
+};
+
+template <typename F>
+ScaledNorm scaled_norm(const F& value, int64_t a, int64_t e, double scale) {
+  double amax = 0.0;
+  for (int64_t i = a; i < e; ++i) {
+    const double v = std::abs(value(i));
+    if (!(v <= std::numeric_limits<double>::max())) return {};
+    amax = std::max(amax, v);
+  }
+  if (amax == 0.0) return {};
+  ScaledNorm r;
+  std::frexp(amax, &r.ex);
+  double ss = 0.0;
+  for (int64_t i = a; i < e; ++i) {
+    const double t = std::ldexp(value(i), -r.ex);
+    ss += t * t;
+  }
+  r.unit = scale / std::sqrt(ss);
+  return r;
+}
+
+// The same scaling with ATen ops, for the fallbacks: scale * v / ||v|| per row of v ([groups, G], in
+// the accumulation dtype), bit-identical to the unscaled formula wherever that one does not under- or
+// overflow (a power-of-two scaling is exact and cancels out of v / ||v||).
+inline at::Tensor normalize_rows(const at::Tensor& v, double scale) {
+  const at::Tensor amax = v.abs().amax(1, /*keepdim=*/true);
+  const at::Tensor usable = at::isfinite(amax) & (amax > 0);
+  // the exponent is clamped so that 2^-ex stays finite in v's dtype (an all-subnormal row)
+  const int64_t lowest_ex = v.scalar_type() == at::kDouble ? -1021 : -125;
+  const at::Tensor ex = std::get<1>(at::frexp(at::where(usable, amax, at::ones_like(amax)))).clamp_min(lowest_ex);
+  const at::Tensor t = v * at::ldexp(at::ones_like(amax), ex.neg());
+  const at::Tensor n = (t * t).sum(1, /*keepdim=*/true).to(at::kDouble).sqrt();
+  const at::Tensor unit = at::where(usable, at::full_like(n, scale) / n, at::zeros_like(n)).to(v.scalar_type());
+  return t * unit;
+}
+
+template <typename T>
+inline double to_double(T v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return static_cast<double>(static_cast<float>(v));
+  }
+}
+
+// The factor a group of v is scaled by: `f` on the vector path, or, when scale/||v|| is no normal A
+// (vectors near the ends of A's range), v's values scaled in double (ldexp(v, -ex) * unit).
+template <typename A>
+struct GroupFactor {
+  A f = A(0);
+  bool in_double = false;
+  int ex = 0;
+  double unit = 0.0;
+};
+
+// The factor for a group [a, e) whose fast-path sum of squares is ss; `value(i)` is v at i in double.
+template <typename A, typename F>
+GroupFactor<A> group_factor(const F& value, int64_t a, int64_t e, double ss, double scale) {
+  GroupFactor<A> r;
+  const double f = ss > 0 ? scale / std::sqrt(ss) : 0.0;
+  if (sumsq_trusted<A>(ss, e - a) && usable_factor<A>(f)) {
+    r.f = static_cast<A>(f);
+    return r;
+  }
+  const ScaledNorm sn = scaled_norm(value, a, e, scale);
+  const double g = std::ldexp(sn.unit, -sn.ex);
+  if (usable_factor<A>(g)) {
+    r.f = static_cast<A>(g);
+  } else {
+    r.in_double = true;
+    r.ex = sn.ex;
+    r.unit = sn.unit;
+  }
+  return r;
+}
+
 // Whether the vectorized kernels may run: the CPU has the ISA they were compiled for, and
 // FASTVAT_CPU_SIMD is not "0".
 inline bool simd_enabled() {

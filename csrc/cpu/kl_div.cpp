@@ -1,13 +1,16 @@
 // CPU kernel of fastvat::kl_div_with_logits: per row of [N, C] logits,
 //   loss = KL(softmax(p) || softmax(q)),  grad = d loss / d q = softmax(q) - softmax(p)  (times mask).
 //
-// One read pass per row gathers, per vector lane, the running maxima mp, mq, the sums
-//   Zp = sum e^{p - mp},  Zq = sum e^{q - mq},  S = sum e^{p - mp} (p - q),
-// rescaled whenever a block of 16 vectors raises a lane's maximum (online softmax). The lanes are
-// merged in a fixed order, then loss = S/Zp - (mp + log Zp) + (mq + log Zq). When the gradient is
-// wanted a second pass over the same row (still in L2) writes it. Rows are independent and are
-// split over threads (up to 4 rows of >= 64k classes: column spans, see kl_kernel_split); masked rows
-// (mask == 0) cost nothing and give loss 0, gradient 0.
+// One read pass per row gathers, per vector lane, the running maxima mp, mq and the sums
+//   Zp = sum e^{p - mp},  Zq = sum e^{q - mq},  S = sum e^{p - mp} ((p - mp) - (q - mq)),
+// moved to the new maxima whenever a block of 16 vectors raises one (online softmax). S is taken
+// relative to the maxima, not as e^{p - mp} (p - q): softmax is shift-invariant, and p - q of two
+// offset rows (p + a, q - a) would carry |2a| into every term and cancel it only at the end, losing
+// digits in proportion to the offset. The lanes are merged in a fixed order, then
+// loss = S/Zp - (log Zp - log Zq). When the gradient is wanted a second pass over the same row (still
+// in L2) writes it. Rows are independent and are split over threads (up to 4 rows of >= 64k
+// classes: column spans, see kl_kernel_split); masked rows (mask == 0) cost nothing and give loss 0,
+// gradient 0.
 #include <torch/library.h>
 
 #include "common.h"
@@ -23,6 +26,9 @@ struct RowStats {
 };
 
 // Online-softmax statistics of parts of one row (vector lanes, or column spans), merged in part order.
+// A part's S is relative to its own maxima: moving it to the row's adds (MQ - mq) - (MP - mp) per
+// unit of Zp before the e^{mp - MP} rescale. A part with Zp = 0 (no class of positive probability)
+// adds nothing, also when its maxima are still the `lowest` sentinel.
 template <typename A>
 RowStats<A> merge_stats(const RowStats<A>* part, int64_t n) {
   RowStats<A> r;
@@ -35,8 +41,10 @@ RowStats<A> merge_stats(const RowStats<A>* part, int64_t n) {
   r.zp = r.zq = r.s = A(0);
   for (int64_t i = 0; i < n; ++i) {
     const A cp = std::exp(part[i].mp - r.mp), cq = std::exp(part[i].mq - r.mq);
-    r.zp += part[i].zp * cp;
-    r.s += part[i].s * cp;
+    if (part[i].zp != A(0)) {
+      r.zp += part[i].zp * cp;
+      r.s += (part[i].s + ((r.mq - part[i].mq) - (r.mp - part[i].mp)) * part[i].zp) * cp;
+    }
     r.zq += part[i].zq * cq;
   }
   return r;
@@ -59,10 +67,17 @@ struct KLRow {
   static constexpr int64_t W = IO::W;
   static constexpr int64_t K = 16;  // vectors per block between max updates
 
-  // p - q, but 0 where softmax(p) is 0 (a class with p = -inf adds nothing, as 0 log 0 = 0).
-  static inline V diff(const V& ep, const V& pv, const V& qv) {
+  // (p - mp) - (q - mq), but 0 where softmax(p) is 0 (a class with p = -inf adds nothing, as 0 log 0 = 0).
+  static inline V diff(const V& ep, const V& dp, const V& dq) {
     const V zero(acc_t(0));
-    return V::blendv(pv - qv, zero, ep == zero);
+    return V::blendv(dp - dq, zero, ep == zero);
+  }
+
+  // S relative to the old maxima, moved to the new ones (before the e^{mp - nmp} rescale); lanes with
+  // Zp = 0 have S = 0 and maxima that may still be the `lowest` sentinel, so they move by nothing.
+  static inline V shift_s(const V& s, const V& zp, const V& mp, const V& nmp, const V& mq, const V& nmq) {
+    const V zero(acc_t(0));
+    return s + V::blendv(((nmq - mq) - (nmp - mp)) * zp, zero, zp == zero);
   }
 
   static RowStats<acc_t> stats(const T* p, const T* q, int64_t C) {
@@ -79,14 +94,14 @@ struct KLRow {
       const V ap = vexp(mp - nmp), aq = vexp(mq - nmq);
       V sp(acc_t(0)), sq(acc_t(0)), ss(acc_t(0));
       for (int64_t k = 0; k < K; ++k) {
-        const V pv = IO::load(p + i + k * W), qv = IO::load(q + i + k * W);
-        const V ep = vexp(pv - nmp);
+        const V dp = IO::load(p + i + k * W) - nmp, dq = IO::load(q + i + k * W) - nmq;
+        const V ep = vexp(dp);
         sp = sp + ep;
-        sq = sq + vexp(qv - nmq);
-        ss = at::vec::fmadd(ep, diff(ep, pv, qv), ss);
+        sq = sq + vexp(dq);
+        ss = at::vec::fmadd(ep, diff(ep, dp, dq), ss);
       }
+      s = at::vec::fmadd(shift_s(s, zp, mp, nmp, mq, nmq), ap, ss);
       zp = at::vec::fmadd(zp, ap, sp);
-      s = at::vec::fmadd(s, ap, ss);
       zq = at::vec::fmadd(zq, aq, sq);
       mp = nmp;
       mq = nmq;
@@ -111,8 +126,8 @@ struct KLRow {
         ep = V::set(V(acc_t(0)), ep, n);
         eq = V::set(V(acc_t(0)), eq, n);
       }
+      s = at::vec::fmadd(shift_s(s, zp, mp, nmp, mq, nmq), ap, ep * diff(ep, pv - nmp, qv - nmq));
       zp = at::vec::fmadd(zp, ap, ep);
-      s = at::vec::fmadd(s, ap, ep * diff(ep, pv, qv));
       zq = at::vec::fmadd(zq, aq, eq);
       mp = nmp;
       mq = nmq;
@@ -156,9 +171,8 @@ constexpr int64_t kSpan = 32768;
 
 template <typename A>
 A row_loss(const RowStats<A>& r) {
-  const double loss = static_cast<double>(r.s) / static_cast<double>(r.zp) +
-                      (static_cast<double>(r.mq) - static_cast<double>(r.mp)) +
-                      (std::log(static_cast<double>(r.zq)) - std::log(static_cast<double>(r.zp)));
+  const double loss = static_cast<double>(r.s) / static_cast<double>(r.zp) -
+                      (std::log(static_cast<double>(r.zp)) - std::log(static_cast<double>(r.zq)));
   return static_cast<A>(loss);
 }
 
@@ -216,7 +230,7 @@ void kl_kernel(const T* p, const T* q, const A* mask, int64_t N, int64_t C, A* r
     for (int64_t n = r0; n < r1; ++n) {
       const acc_t m = mask != nullptr ? mask[n] : acc_t(1);
       T* gn = g != nullptr ? g + n * C : nullptr;
-      if (m == acc_t(0) || C == 0) {
+      if (m == acc_t(0)) {
         rows[n] = acc_t(0);
         if (gn != nullptr) std::fill(gn, gn + C, T(0));
         continue;

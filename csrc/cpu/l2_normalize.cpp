@@ -44,6 +44,18 @@ struct L2Kernel {
     return v;
   }
 
+  // v at i in double (the scaled_norm fallback); masked-out positions are 0, as on the vector path.
+  inline double value(int64_t i) const {
+    double v = to_double(x[i]);
+    if (HasB) v -= to_double(b[i]);
+    if (HasM) {
+      const double mv = to_double(m[i / inner]);
+      if (mv == 0.0) return 0.0;
+      v *= mv;
+    }
+    return v;
+  }
+
   // Calls f(begin, end, mask value) for each maximal run of [a, e) with one mask entry.
   template <typename F>
   inline void for_runs(int64_t a, int64_t e, const F& f) const {
@@ -126,6 +138,11 @@ struct L2KernelElementwiseMask {
     if (HasB) v = v - IO::load(b + i, n);
     return v * IO::load(m + i, n);
   }
+  inline double value(int64_t i) const {
+    double v = to_double(x[i]);
+    if (HasB) v -= to_double(b[i]);
+    return v * to_double(m[i]);
+  }
   double sumsq(int64_t a, int64_t e) const {
     V s0(acc_t(0)), s1(acc_t(0));
     int64_t i = a;
@@ -152,14 +169,25 @@ struct L2KernelElementwiseMask {
   }
 };
 
+// out = v * factor over [a, e), on the vector path or, for extreme vectors, in double.
+template <typename K>
+void apply_factor(const K& k, int64_t a, int64_t e, const GroupFactor<typename K::acc_t>& f) {
+  using acc_t = typename K::acc_t;
+  if (!f.in_double) {
+    k.apply(a, e, f.f);
+    return;
+  }
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(k.x)>>;
+  for (int64_t i = a; i < e; ++i) k.out[i] = static_cast<T>(static_cast<acc_t>(std::ldexp(k.value(i), -f.ex) * f.unit));
+}
+
 template <typename K>
 void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
   using acc_t = typename K::acc_t;
   const int64_t ng = numel / G;
   const int64_t nc = divup(G, kChunk);
-  auto factor_of = [scale](double ss) -> acc_t {
-    return ss > 0 ? static_cast<acc_t>(scale / std::sqrt(ss)) : acc_t(0);
-  };
+  const auto value = [&k](int64_t i) { return k.value(i); };
+  auto factor_of = [&](int64_t g, double ss) { return group_factor<acc_t>(value, g * G, (g + 1) * G, ss, scale); };
   auto chunk_begin = [G](int64_t g, int64_t c) { return g * G + c * kChunk; };
   auto chunk_end = [G](int64_t g, int64_t c) { return std::min(g * G + (c + 1) * kChunk, (g + 1) * G); };
 
@@ -168,7 +196,7 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
     at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const double ss = 0.0 + k.sumsq(g * G, (g + 1) * G);
-        k.apply(g * G, (g + 1) * G, factor_of(ss));
+        apply_factor(k, g * G, (g + 1) * G, factor_of(g, ss));
       }
     });
     return;
@@ -178,7 +206,7 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
       for (int64_t g = g0; g < g1; ++g) {
         double ss = 0.0;
         for (int64_t c = 0; c < nc; ++c) ss += k.sumsq(chunk_begin(g, c), chunk_end(g, c));
-        k.apply(g * G, (g + 1) * G, factor_of(ss));
+        apply_factor(k, g * G, (g + 1) * G, factor_of(g, ss));
       }
     });
     return;
@@ -187,16 +215,16 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
   at::parallel_for(0, ng * nc, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) partial[t] = k.sumsq(chunk_begin(t / nc, t % nc), chunk_end(t / nc, t % nc));
   });
-  std::vector<acc_t> factor(static_cast<size_t>(ng));
+  std::vector<GroupFactor<acc_t>> factor(static_cast<size_t>(ng));
   for (int64_t g = 0; g < ng; ++g) {
     double ss = 0.0;
     for (int64_t c = 0; c < nc; ++c) ss += partial[g * nc + c];
-    factor[g] = factor_of(ss);
+    factor[g] = factor_of(g, ss);
   }
   at::parallel_for(0, ng * nc, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / nc, c = t % nc;
-      k.apply(chunk_begin(g, c), chunk_end(g, c), factor[g]);
+      apply_factor(k, chunk_begin(g, c), chunk_end(g, c), factor[g]);
     }
   });
 }
@@ -234,10 +262,7 @@ at::Tensor l2_normalize_fallback(const at::Tensor& x, const at::Tensor& b, const
   at::Tensor v = x.to(acc).reshape({-1});
   if (b.defined()) v = v - b.to(acc).reshape({-1});
   if (m.defined()) v = (v.reshape({-1, inner}) * m.to(acc).reshape({-1, 1})).reshape({-1});
-  v = v.reshape({ng, G});
-  const at::Tensor n = (v * v).sum(1, /*keepdim=*/true).sqrt();
-  const at::Tensor factor = at::where(n > 0, at::full_like(n, scale) / n, at::zeros_like(n));
-  return (v * factor).reshape(x.sizes()).to(x.scalar_type()).contiguous();
+  return normalize_rows(v.reshape({ng, G}), scale).reshape(x.sizes()).to(x.scalar_type()).contiguous();
 }
 
 at::Tensor l2_normalize_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& baseline,

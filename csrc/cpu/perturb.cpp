@@ -66,6 +66,21 @@ void update_range(T* w, const T* d, T* delta, typename VecIO<T>::acc_t f, int64_
   }
 }
 
+// update_range for a direction whose factor is no normal acc_t (near the ends of its range): the new
+// perturbation ldexp(d, -ex) * unit is formed in double, then rounded as on the vector path.
+template <typename T>
+void update_range_in_double(T* w, const T* d, T* delta, const GroupFactor<typename VecIO<T>::acc_t>& f,
+                            bool has_previous, int64_t a, int64_t e) {
+  using acc_t = typename VecIO<T>::acc_t;
+  for (int64_t i = a; i < e; ++i) {
+    const T n = static_cast<T>(static_cast<acc_t>(std::ldexp(to_double(d[i]), -f.ex) * f.unit));
+    acc_t step = static_cast<acc_t>(n);
+    if (has_previous) step -= static_cast<acc_t>(delta[i]);
+    w[i] = static_cast<T>(static_cast<acc_t>(w[i]) + step);
+    delta[i] = n;
+  }
+}
+
 template <typename T>
 void perturb_kernel(T* w, const T* d, T* delta, int64_t numel, double scale, bool has_previous) {
   using acc_t = typename VecIO<T>::acc_t;
@@ -76,11 +91,12 @@ void perturb_kernel(T* w, const T* d, T* delta, int64_t numel, double scale, boo
   });
   double ss = 0.0;
   for (int64_t c = 0; c < nc; ++c) ss += partial[c];
-  const acc_t f = ss > 0 ? static_cast<acc_t>(scale / std::sqrt(ss)) : acc_t(0);
+  const GroupFactor<acc_t> f = group_factor<acc_t>([d](int64_t i) { return to_double(d[i]); }, 0, numel, ss, scale);
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
     const int64_t a = c0 * kChunk, e = std::min(numel, c1 * kChunk);
-    if (has_previous) update_range<T, true>(w, d, delta, f, a, e);
-    else update_range<T, false>(w, d, delta, f, a, e);
+    if (f.in_double) update_range_in_double(w, d, delta, f, has_previous, a, e);
+    else if (has_previous) update_range<T, true>(w, d, delta, f.f, a, e);
+    else update_range<T, false>(w, d, delta, f.f, a, e);
   });
 }
 
@@ -100,12 +116,10 @@ namespace {
 void perturb_fallback(at::Tensor& w, const at::Tensor& d, at::Tensor& delta, double scale, bool has_previous) {
   const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto dacc = d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor dd = d.to(dacc);
-  // the factor in double, as the kernel; the new perturbation in the direction's dtype, then the
-  // weight's (the reference's l2_normalize(...).to(weight.dtype))
-  const at::Tensor n = dd.mul(dd).sum().to(at::kDouble).sqrt();
-  const at::Tensor factor = at::where(n > 0, at::full_like(n, scale) / n, at::zeros_like(n)).to(dacc);
-  const at::Tensor nw = (dd * factor).to(d.scalar_type()).to(w.scalar_type());
+  // the new perturbation in the direction's dtype, then the weight's (the reference's
+  // l2_normalize(...).to(weight.dtype))
+  const at::Tensor nw =
+      normalize_rows(d.to(dacc).reshape({1, -1}), scale).reshape(d.sizes()).to(d.scalar_type()).to(w.scalar_type());
   at::Tensor step = nw.to(acc);
   if (has_previous) step = step - delta.to(acc);
   w.copy_(w.to(acc) + step);

@@ -2,12 +2,14 @@
 //   loss = KL(softmax(p) || softmax(q)) (times mask), grad = (softmax(q) - softmax(p)) (times mask).
 //
 // One team per row: a warp for small C (8 rows per block), else a whole block. Pass 1 reads the
-// row once and keeps online-softmax statistics (max, Σe^{x-max}) for p and q plus the
-// online-rescaled S = Σ e^{p-mp}(p - q). Pass 2 (when the gradient is wanted, or when the row is
-// cached in registers) computes softmax(p), softmax(q), writes the gradient and accumulates the
-// loss as Σ softmax(p)·((p - q) - c), c = (mp + log Zp) - (mq + log Zq) — each term is small when
-// p ≈ q, so the loss keeps its relative accuracy even for tiny KL (the VAT regime). Without
-// pass 2, loss = S/Zp - c.
+// row once and keeps online-softmax statistics (max, Σe^{x-max}) for p and q plus
+// S = Σ e^{p-mp}((p - mp) - (q - mq)), moved along with the running maxima. Every term is taken
+// relative to the maxima because softmax is shift-invariant: p - q of offset rows (p + a, q - a)
+// would carry 2a into each term and cancel it only at the end, losing digits with the offset.
+// Pass 2 (when the gradient is wanted, or when the row is cached in registers) computes softmax(p),
+// softmax(q), writes the gradient and accumulates the loss as Σ softmax(p)·((p - mp) - (q - mq) - c),
+// c = log Zp - log Zq — each term is small when p ≈ q, so the loss keeps its relative accuracy even
+// for tiny KL (the VAT regime). Without pass 2, loss = S/Zp - c.
 //
 // Rows up to 2048 16-byte vectors (fp32 C <= 8192, bf16 C <= 16384) stay on chip between the
 // passes (p in registers, q in shared memory); longer rows are read again in pass 2, backwards,
@@ -45,22 +47,28 @@ struct Online {
       vp = pv[k] > vp ? pv[k] : vp;
       vq = qv[k] > vq ? qv[k] : vq;
     }
+    // S moves with the maxima: each term loses the rise of mp and gains the rise of mq. While
+    // Zp = 0, S is 0 and a maximum may still be -inf, so nothing moves.
     if (vp > mp) {
       const A c = fast_exp(mp - vp);
+      if (zp > A(0)) sp = (sp - (vp - mp) * zp) * c;
       zp *= c;
-      sp *= c;
       mp = vp;
     }
     if (vq > mq) {
+      if (zp > A(0)) sp += (vq - mq) * zp;
       zq *= fast_exp(mq - vq);
       mq = vq;
     }
     if (mp != ninf) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const A e = fast_exp(pv[k] - mp);
+        const A dp = pv[k] - mp;
+        const A e = fast_exp(dp);
         zp += e;
-        sp += e > A(0) ? e * (pv[k] - qv[k]) : A(0);  // 0·log 0 = 0, also for q = -inf
+        // 0·log 0 = 0, also for q = -inf; a q = -inf under p > 0 gives +inf, also while mq is -inf
+        const A dq = qv[k] == ninf ? ninf : qv[k] - mq;
+        sp += e > A(0) ? e * (dp - dq) : A(0);
       }
     }
     if (mq != ninf) {
@@ -89,9 +97,10 @@ struct Final {
   // softmax(p), softmax(q) at one element; adds the element's KL term to kl.
   __device__ __forceinline__ A grad(A p, A q, A& kl) const {
     constexpr A nan = std::numeric_limits<A>::quiet_NaN();
-    const A ep = pvalid ? fast_exp(p - mp) * inv_zp : nan;
-    const A eq = qvalid ? fast_exp(q - mq) * inv_zq : nan;
-    kl += ep > A(0) ? ep * ((p - q) - c) : A(0);
+    const A dp = p - mp, dq = q - mq;
+    const A ep = pvalid ? fast_exp(dp) * inv_zp : nan;
+    const A eq = qvalid ? fast_exp(dq) * inv_zq : nan;
+    kl += ep > A(0) ? ep * ((dp - dq) - c) : A(0);
     return (eq - ep) * mm;
   }
 };
@@ -120,7 +129,9 @@ __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem)
   team_max<TEAM, A, 2>(mx, smem);
   const A cp = st.mp == ninf ? A(0) : fast_exp(st.mp - mx[0]);
   const A cq = st.mq == ninf ? A(0) : fast_exp(st.mq - mx[1]);
-  A s[3] = {st.zp * cp, st.sp * cp, st.zq * cq};
+  // each thread's S moved to the row's maxima (as in Online::add)
+  const A sp = st.zp > A(0) ? (st.sp + ((mx[1] - st.mq) - (mx[0] - st.mp)) * st.zp) * cp : A(0);
+  A s[3] = {st.zp * cp, sp, st.zq * cq};
   team_sum<TEAM, A, 3>(s, smem);
   Final<A> f;
   f.mp = mx[0];
@@ -131,7 +142,7 @@ __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem)
   f.inv_zq = A(1) / s[2];
   f.pvalid = mx[0] != ninf;
   f.qvalid = mx[1] != ninf;
-  f.c = (mx[0] + ::log(s[0])) - (mx[1] + ::log(s[2]));
+  f.c = ::log(s[0]) - ::log(s[2]);
   f.mm = mm;
   return f;
 }
@@ -270,8 +281,8 @@ __global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
     if (tid < tail) st.add1(tp, tq);
     const Final<A> f = finalize<TEAM, A>(st, mm, smem);
     if (!want_grad) {
-      // An all -inf row of p gives 0/0, one of q inf - inf: NaN, as kl_init() on the other paths.
-      if (tid == 0) rows[r] = (f.sp / f.zp - f.c) * mm;
+      // An all -inf row of p or q has no softmax: NaN, as kl_init() on the other paths.
+      if (tid == 0) rows[r] = f.pvalid && f.qvalid ? (f.sp / f.zp - f.c) * mm : f.kl_init();
       return;
     }
     A kl[1] = {f.kl_init()};
@@ -420,10 +431,6 @@ std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_i
   at::Tensor rows = at::empty(lead, q.options().dtype(acc));
   at::Tensor grad = compute_grad ? at::empty_like(q, at::MemoryFormat::Contiguous) : at::empty({0}, q.options());
   if (rows.numel() == 0) return std::make_tuple(rows, grad);
-  if (C == 0) {
-    rows.zero_();
-    return std::make_tuple(rows, grad);
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(),
                                   "fastvat_kl_div_with_logits_cuda",
                                   [&] { kl_dispatch<scalar_t>(p, q, mask, rows, grad, N, C); });
