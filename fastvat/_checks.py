@@ -53,6 +53,13 @@ def nonnegative_int(name, value):
     return int(value)
 
 
+def optional_dim(name, value):
+    """None or an int naming a dim (its range is checked against the tensor it indexes)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{name} must be an int (the index of a dim) or None, got {type(value).__name__}")
+    return None if value is None else int(value)
+
+
 def same_device(name, value, ref_name, ref):
     if value.device != ref.device:
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; move them to one device")
@@ -104,3 +111,41 @@ def index_range(name, idx, size, what):
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= size:
         raise ValueError(f"{name} must lie in [0, {size}) ({what}), got values in [{lo}, {hi}]")
+
+
+def _byte_span(t):
+    """[first, last) byte address of t's elements (PyTorch strides are never negative)."""
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _strides(t):
+    """t's strides where they matter: a dim of size 1 may carry any stride."""
+    return tuple(s for n, s in zip(t.shape, t.stride()) if n != 1)
+
+
+def _bytes_of(t, marks, base):
+    """t's bytes as a strided view of ``marks``, a uint8 tensor whose element 0 is address ``base``."""
+    size = t.element_size()
+    return marks.as_strided(tuple(t.shape) + (size,), tuple(s * size for s in t.stride()) + (1,), t.data_ptr() - base)
+
+
+def memory_overlap(a, b):
+    """How the memory of tensors a and b (on one device) relates: ``"none"``, ``"same"`` (the very same
+    elements in the same layout: full aliasing) or ``"partial"`` (they share some byte otherwise).
+
+    Views that interleave without sharing an element (``buf[::2]`` and ``buf[1::2]``) are ``"none"``;
+    telling them apart from a real overlap marks a's bytes in a scratch buffer, which only happens
+    when the two byte spans intersect and the views differ.
+    """
+    if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta" or torch.compiler.is_compiling():
+        return "none"
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    if a1 <= b0 or b1 <= a0:
+        return "none"
+    if a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and _strides(a) == _strides(b):
+        return "same"
+    lo = min(a0, b0)
+    marks = torch.zeros(max(a1, b1) - lo, dtype=torch.uint8, device=a.device)
+    _bytes_of(a, marks, lo).fill_(1)
+    return "partial" if bool(_bytes_of(b, marks, lo).any()) else "none"

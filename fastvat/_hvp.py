@@ -167,8 +167,7 @@ def exact_step(reg, args, kwargs, d):
                     unit = t.realise_for(tuple(x.shape), x.detach())
                     call_args = (x + _dual(unit, box),) + tuple(args[1:])
                 out = reg.model(*call_args, **kwargs)
-            z = extract_logits(out)
-            primal, tangent = fwAD.unpack_dual(z)
+            primal, tangent = fwAD.unpack_dual(reg._class_last(extract_logits(out)))
             with torch.no_grad():
                 dt = ref.acc_dtype(primal.dtype)
                 q = torch.softmax(primal.detach().to(dt), dim=-1)

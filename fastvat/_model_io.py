@@ -33,6 +33,27 @@ def extract_logits(output, *, what="the model's output"):
     return logits
 
 
+def class_last(logits, class_dim, *, what="the model's logits"):
+    """The logits with their class dim last, where the KL and the row masks expect it.
+
+    ``class_dim=None`` takes the last dim (the Hugging Face layout) for logits of up to three dims;
+    for four or more ([N, C, H, W] segmentation maps, say) the last dim is rarely the classes, so the
+    caller must say which one it is rather than have it guessed.
+    """
+    n = logits.dim()
+    if class_dim is None:
+        if n >= 4:
+            raise ValueError(
+                f"{what} have {n} dims (shape {tuple(logits.shape)}): the last one (dim {n - 1}) would be "
+                f"taken as the classes, which for {n}-D logits is rarely right. Pass class_dim= to choose: "
+                "class_dim=1 for [N, C, H, W] segmentation logits, class_dim=-1 to keep the last dim"
+            )
+        return logits
+    if not -n <= class_dim < n:
+        raise ValueError(f"class_dim={class_dim} is out of range for {what} of shape {tuple(logits.shape)} ({n} dims)")
+    return logits if class_dim % n == n - 1 else logits.movedim(class_dim, -1)
+
+
 def strip_labels(kwargs):
     return {k: v for k, v in kwargs.items() if k not in LABEL_KWARGS}
 

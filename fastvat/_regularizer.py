@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastvat import _checks, _nonfinite
-from fastvat._model_io import StateGuard, extract_logits, resolve_embedding, strip_labels
+from fastvat._model_io import StateGuard, class_last, extract_logits, resolve_embedding, strip_labels
 from fastvat._targets import InputTarget, OutputTarget, WeightTarget
 
 TARGETS = ("input", "output", "weight")
@@ -18,9 +18,11 @@ class Regularizer:
     """Base class: ``model`` plus where the perturbation goes (``embedding``/``target``/``norm``)."""
 
     def __init__(self, model, embedding=None, *, norm=None, target=None, generator=None, drop_labels=True,
-                 nonfinite="raise"):
+                 nonfinite="raise", class_dim=None):
         # what a NaN/Inf does in a call, for every regularizer (fastvat/_nonfinite.py)
         self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
+        # the logits' class dim; None: the last, refused for logits of 4+ dims (see _model_io.class_last)
+        self.class_dim = _checks.optional_dim("class_dim", class_dim)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -98,14 +100,19 @@ class Regularizer:
         return q
 
     def _clean_logits(self, args, kwargs, logits):
+        """The unperturbed logits (the caller's, or one pass of the model), class dim last."""
         if logits is not None:
             if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
                 what = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise TypeError(f"logits must be a floating-point tensor or None, got {what}")
             self._given_logits = logits
-            return logits.detach()
+            return class_last(logits.detach(), self.class_dim, what="the logits passed as logits=")
         with torch.no_grad(), self._target.clean_pass():
-            return extract_logits(self.model(*args, **kwargs)).detach()
+            return self._class_last(extract_logits(self.model(*args, **kwargs)).detach())
+
+    def _class_last(self, logits):
+        """The model's logits laid out as the KL and the row mask take them: classes in the last dim."""
+        return class_last(logits, self.class_dim)
 
     def _row_mask(self, logits):
         return self._target.row_mask_for(logits)

@@ -19,12 +19,14 @@ class RandomNoise(Regularizer):
     ``nonfinite`` (as VAT's): ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf
     appeared (clean logits, or which noisy pass); ``"zero"`` a zero loss for that call, with a warning
     (the noise itself is always finite, so there is no direction to zero); ``"ignore"`` skips the check.
+    ``class_dim`` (as VAT's): the logits' class dim for the KL; ``loss_fn`` gets the logits as the model
+    returns them.
     """
 
     def __init__(self, model, embedding=None, *, eps=1.0, sigma=None, k=1, loss_fn=None, norm=None, target=None,
-                 generator=None, drop_labels=True, nonfinite="raise"):
+                 generator=None, drop_labels=True, nonfinite="raise", class_dim=None):
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, class_dim=class_dim)
         if sigma is not None:
             self.sigma = _checks.finite_number("sigma", sigma, positive=True)
             self.eps = None
@@ -57,6 +59,7 @@ class RandomNoise(Regularizer):
                     t.random(self.eps)
                 q = self._forward(args, kwargs)
                 if self.loss_fn is None:
+                    q = self._class_last(q)
                     term = ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
                 else:
                     term = self.loss_fn(q, y)

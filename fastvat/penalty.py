@@ -32,12 +32,13 @@ class GradientPenalty(Regularizer):
     ``nonfinite`` (as VAT's): ``"raise"`` (default) a ``FloatingPointError`` naming where a NaN/Inf
     appeared (the logits or their input gradient); ``"zero"`` a zero penalty for that call, with a
     warning; ``"ignore"`` skips the check.
+    ``class_dim`` (as VAT's): the logits' class dim, over which form ``"kl"`` takes the softmax.
     """
 
     def __init__(self, model, embedding=None, *, form="kl", estimator="rademacher", samples=1, target=None,
-                 generator=None, drop_labels=True, nonfinite="raise"):
+                 generator=None, drop_labels=True, nonfinite="raise", class_dim=None):
         super().__init__(model, embedding, norm=None, target=target, generator=generator, drop_labels=drop_labels,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, class_dim=class_dim)
         if self.target == "weight":
             raise ValueError("target 'weight' has no per-example input gradient; use 'input' or 'output'")
         self.form = _checks.choice("form", form, FORMS)
@@ -59,7 +60,7 @@ class GradientPenalty(Regularizer):
             t = self._target
             t.zeros(requires_grad=True)
             with torch.enable_grad():
-                f = self._forward(args, kwargs)
+                f = self._class_last(self._forward(args, kwargs))
                 r = t.current
                 out = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
                 if self.form == "kl":

@@ -1,7 +1,10 @@
 """Virtual adversarial training: ``fastvat.VAT`` and the drop-in ``fastvat.VATLoss``."""
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch import nn
 
 from fastvat import _checks, _hvp, _nonfinite, ops
 from fastvat._regularizer import Regularizer
@@ -45,12 +48,14 @@ class VAT(Regularizer):
     ``hvp``: the power step. ``"auto"`` (default): the finite difference in float32/float64, the exact
     xi -> 0 step (one jvp + one vjp, fastvat._hvp) in fp16/bf16, where x + xi*d rounds back to x;
     ``"exact"`` or ``"finite_difference"`` force one (docs/integrations.md, "Mixed precision").
+    ``class_dim``: the dim of the logits that holds the classes. Default: the last (``[B, C]``,
+    ``[B, T, C]``); logits of four or more dims need it said (``class_dim=1`` for ``[N, C, H, W]``).
     """
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
-                 generator=None, drop_labels=True, nonfinite="raise", hvp="auto"):
+                 generator=None, drop_labels=True, nonfinite="raise", hvp="auto", class_dim=None):
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, class_dim=class_dim)
         d = DEFAULTS[self.target]
         self.xi = _checks.finite_number("xi", d["xi"] if xi is None else xi, positive=True)
         self.eps = _checks.finite_number("eps", d["eps"] if eps is None else eps, positive=True)
@@ -80,7 +85,7 @@ class VAT(Regularizer):
             else:
                 t.direction(d, self.xi, requires_grad=True)
             with torch.enable_grad():
-                q = self._forward(args, kwargs)
+                q = self._class_last(self._forward(args, kwargs))
                 div = ops.kl_div_with_logits(p_logits, q, mask=self._row_mask(q), reduction="sum")
                 r = t.current
                 d = torch.autograd.grad(div, r, allow_unused=True)[0] if div.requires_grad else None
@@ -101,7 +106,7 @@ class VAT(Regularizer):
             p = self._clean_logits(args, kwargs, logits)
             d = self._finite_direction(self._adversarial_direction(args, kwargs, p), p)
             self._set_final(d)
-            q = self._forward(args, kwargs)
+            q = self._class_last(self._forward(args, kwargs))
             if q.shape != p.shape:
                 raise ValueError(f"logits has shape {tuple(p.shape)} but the model returned {tuple(q.shape)}")
             loss = ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
@@ -159,21 +164,43 @@ class VAT(Regularizer):
                                        lambda: self._where_nonfinite(p, d, given), stacklevel=3)
 
 
-class VATLoss:
+class VATLoss(nn.Module):
     """Drop-in for the ``VATLoss(xi, eps, ip)`` of common PyTorch snippets: ``vat_loss(model, x)``.
 
-    Perturbs the input with a per-sample norm, like those snippets, on fastvat's fast path.
+    Perturbs the input with a per-sample norm, like those snippets, on fastvat's fast path. An
+    ``nn.Module`` with no parameters or buffers, as those snippets' class is, so ``.to()``,
+    ``state_dict()`` and containers such as ``nn.ModuleDict`` work; the model it is called with is
+    not a submodule of it (``.to()`` does not move it, ``state_dict()`` stays empty) and is not kept
+    alive by it. ``class_dim`` as in ``VAT``.
     """
 
-    def __init__(self, xi=10.0, eps=1.0, ip=1):
+    def __init__(self, xi=10.0, eps=1.0, ip=1, *, class_dim=None):
+        super().__init__()
         self.xi = _checks.finite_number("xi", xi, positive=True)
         self.eps = _checks.finite_number("eps", eps, positive=True)
         self.ip = _checks.nonnegative_int("ip", ip)
-        self._cache = {}
+        self.class_dim = _checks.optional_dim("class_dim", class_dim)
+        # The one thing a VAT learns about a model across calls: that it has no forward-mode AD (so
+        # the exact low-precision power step is not retried). Kept weakly: a VAT holds its model, so
+        # one is built per call rather than cached, and a deleted model is freed.
+        self._no_forward_ad = weakref.WeakSet()
 
-    def __call__(self, model, x, logits=None):
-        vat = self._cache.get(id(model))
-        if vat is None or vat.model is not model:
-            vat = VAT(model, xi=self.xi, eps=self.eps, iters=self.ip, norm="sample")
-            self._cache = {id(model): vat}
-        return vat(x, logits=logits)
+    def extra_repr(self):
+        return f"xi={self.xi}, eps={self.eps}, ip={self.ip}"
+
+    def forward(self, model, x, logits=None):
+        vat = VAT(model, xi=self.xi, eps=self.eps, iters=self.ip, norm="sample", class_dim=self.class_dim)
+        vat._hvp_unsupported = model in self._no_forward_ad
+        try:
+            return vat(x, logits=logits)
+        finally:
+            if vat._hvp_unsupported:
+                self._no_forward_ad.add(model)
+
+    def __getstate__(self):
+        # weak references do not pickle, and what they remember is only a shortcut
+        return {**super().__getstate__(), "_no_forward_ad": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._no_forward_ad = weakref.WeakSet()

@@ -83,6 +83,23 @@ def _lived_in(model, *inputs):
     return model
 
 
+class Segmenter(nn.Module):
+    """[N, 2, H, W] -> conv -> BatchNorm -> conv: [N, 3, H, W] per-pixel logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh())
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _segmenter():
+    torch.manual_seed(0)
+    return _lived_in(Segmenter(), torch.randn(2, 2, 4, 5))
+
+
 def _text():
     torch.manual_seed(0)
     return _lived_in(Text(), torch.randint(0, 20, (4, 6)))
@@ -123,6 +140,15 @@ CASES = {
                                            p=torch.zeros(5, 3, dtype=torch.float64)),
     "kl_div/int logits": lambda: _op(lambda p, q: ops.kl_div_with_logits(p, q), TypeError, r"^p_logits must be",
                                      p=torch.ones(4, 3, dtype=torch.int64), q=torch.randn(4, 3)),
+    "kl_div/no classes": lambda: _op(lambda p, q: ops.kl_div_with_logits(p, q), ValueError,
+                                     r"^q_logits has no classes: shape \(4, 0\)",
+                                     p=torch.randn(4, 0), q=torch.randn(4, 0)),
+    "perturb_/weight and direction overlap": lambda: (lambda buf: _op(
+        lambda b: ops.perturb_(b[:-1], b[1:], scale=1.0), ValueError, r"^weight and direction partially overlap",
+        b=buf))(torch.randn(6, 3)),
+    "perturb_/out is weight": lambda: _op(lambda w, d: ops.perturb_(w, d, scale=1.0, out=w), ValueError,
+                                          r"^weight and out are the same memory",
+                                          w=torch.randn(5, 3), d=torch.randn(5, 3)),
     "gather_add/float ids": lambda: _op(lambda w, i, d, di: ops.embedding_gather_add(w, i, d, di), TypeError,
                                         r"^ids must be an int32 or int64", w=torch.randn(6, 3),
                                         i=torch.ones(2, dtype=torch.float32), d=torch.randn(1, 3),
@@ -280,6 +306,14 @@ def _user_cases():
     ]:
         c[f"VAT/{name}"] = (lambda kw, exc, match: lambda: (lambda m: _model_case(
             m, lambda: fastvat.VAT(m, **kw), exc, match))(_mlp()))(kw, exc, match)
+    c["VAT/class_dim as a string"] = lambda: (lambda m: _model_case(
+        m, lambda: fastvat.VAT(m, class_dim="1"), TypeError, r"^class_dim must be an int"))(_mlp())
+    c["RandomNoise/class_dim=True"] = lambda: (lambda m: _model_case(
+        m, lambda: fastvat.RandomNoise(m, class_dim=True), TypeError, r"^class_dim must be an int"))(_mlp())
+    c["GradientPenalty/class_dim=1.0"] = lambda: (lambda m: _model_case(
+        m, lambda: fastvat.GradientPenalty(m, class_dim=1.0), TypeError, r"^class_dim must be an int"))(_mlp())
+    c["VATLoss/class_dim as a string"] = lambda: (None, {}, lambda: fastvat.VATLoss(class_dim="1"), TypeError,
+                                                  r"^class_dim must be an int")
     c["VATLoss/eps=0"] = lambda: (None, {}, lambda: fastvat.VATLoss(eps=0), ValueError, r"^eps must be > 0")
     c["VATLoss/ip=-1"] = lambda: (None, {}, lambda: fastvat.VATLoss(ip=-1), ValueError, r"^ip must be >= 0")
     c["RandomNoise/k=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.RandomNoise(m, k=0), ValueError,
@@ -369,6 +403,24 @@ def _user_cases():
                                                      r"^the logits in the model's output must be a floating")
     c["VAT/model returns 0-dim logits"] = vat_call(lambda: Returns(lambda h: h.sum()), {}, [X], {}, ValueError,
                                                    r"^the logits in the model's output are a 0-dim tensor")
+    seg = lambda: torch.randn(2, 2, 4, 5, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    c["VAT/4-D logits without class_dim"] = vat_call(
+        _segmenter, {}, [seg], {}, ValueError, r"^the model's logits have 4 dims \(shape \(2, 3, 4, 5\)\).*class_dim=1")
+    c["VAT/4-D logits= without class_dim"] = vat_call(
+        _segmenter, {}, [seg], {"logits": lambda: torch.randn(2, 3, 4, 5)}, ValueError,
+        r"^the logits passed as logits= have 4 dims")
+    c["RandomNoise/4-D logits without class_dim"] = vat_call(_segmenter, {}, [seg], {}, ValueError,
+                                                             r"4 dims.*class_dim=", cls=fastvat.RandomNoise)
+    c["GradientPenalty/4-D logits without class_dim"] = vat_call(_segmenter, {}, [seg], {}, ValueError,
+                                                                 r"4 dims.*class_dim=", cls=fastvat.GradientPenalty)
+    c["VAT/class_dim out of range"] = vat_call(
+        _segmenter, {"class_dim": 4}, [seg], {}, ValueError,
+        r"^class_dim=4 is out of range for the model's logits of shape \(2, 3, 4, 5\)")
+    c["VAT/class_dim out of range, negative"] = vat_call(_mlp, {"class_dim": -3}, [X], {}, ValueError,
+                                                         r"^class_dim=-3 is out of range")
+    c["VATLoss/4-D logits without class_dim"] = lambda: (lambda m, x: (m, {"x": x}, lambda: fastvat.VATLoss()(m, x),
+                                                                       ValueError, r"4 dims.*class_dim="))(
+        _segmenter(), seg())
     c["VAT(ids)/output: embedding never called"] = vat_call(Unused, emb, [IDS], {}, ValueError,
                                                             r"never called the embedding passed as embedding=")
     c["VAT(ids)/weight: embedding never called"] = vat_call(Unused, wemb, [IDS], {}, ValueError,

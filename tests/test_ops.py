@@ -376,6 +376,68 @@ def test_perturb_independent_of_thread_count():
         assert torch.equal(w, res[0][0]) and torch.equal(prev, res[0][1])
 
 
+# Every pair of perturb_'s tensor arguments, in the order the error message names them.
+PERTURB_PAIRS = [("weight", "direction"), ("weight", "previous"), ("weight", "out"), ("direction", "previous"),
+                 ("direction", "out"), ("previous", "out")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", PERTURB_PAIRS, ids="-".join)
+def test_perturb_rejects_partially_overlapping_arguments(device, pair):
+    """Two views of one buffer, one row apart: rejected, naming both, with nothing written."""
+    args = {"weight": randn(8, 7, device=device), "direction": randn(8, 7, device=device, seed=1),
+            "previous": randn(8, 7, device=device, seed=2), "out": torch.zeros(8, 7, device=device)}
+    buf = randn(9, 7, device=device, seed=3)
+    a, b = pair
+    args[a], args[b] = buf[:-1], buf[1:]
+    before = {k: v.clone() for k, v in args.items()}
+    with pytest.raises(ValueError, match=rf"^{a} and {b} partially overlap"):
+        ops.perturb_(args["weight"], args["direction"], scale=1.0, previous=args["previous"], out=args["out"])
+    for k, v in args.items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["previous", "out"])
+def test_perturb_rejects_weight_as_its_own_perturbation_buffer(device, name):
+    w, d = randn(8, 7, device=device), randn(8, 7, device=device, seed=1)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match=rf"^weight and {name} are the same memory"):
+        ops.perturb_(w, d, scale=1.0, **{name: w.view(8, 7)})
+    assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_perturb_full_aliases_and_disjoint_views_still_work(device):
+    """direction may be the very memory of weight, previous or out (it is read first), out that of
+    previous; views that interleave in one buffer without sharing an element are separate tensors."""
+    w0, d0, prev0 = randn(8, 7, device=device), randn(8, 7, device=device, seed=1), randn(8, 7, device=device, seed=2)
+    new0 = ref.l2_normalize(d0, scale=1.5)
+
+    def check(w, new, w_expected, new_expected):
+        assert_close(new, new_expected, torch.float32)
+        assert_close(w, w_expected, torch.float32, scale=w0.abs().max().item())
+
+    w = w0.clone()  # direction is weight
+    new = ops.perturb_(w, w, scale=1.5)
+    check(w, new, w0 + ref.l2_normalize(w0, scale=1.5), ref.l2_normalize(w0, scale=1.5))
+    w, prev = w0.clone(), d0.clone()  # direction is previous
+    new = ops.perturb_(w, prev, scale=1.5, previous=prev)
+    check(w, new, w0 + new0 - d0, new0)
+    w, d, prev = w0.clone(), d0.clone(), prev0.clone()  # direction is out, previous separate
+    new = ops.perturb_(w, d, scale=1.5, previous=prev, out=d)
+    assert new is d and torch.equal(prev, prev0)
+    check(w, new, w0 + new0 - prev0, new0)
+    w, prev = w0.clone(), prev0.clone()  # out is another view of previous's memory
+    new = ops.perturb_(w, d0, scale=1.5, previous=prev, out=prev.view(8, 7))
+    check(w, new, w0 + new0 - prev0, new0)
+    buf = torch.stack([w0, d0], -1)  # [8, 7, 2]: weight and direction interleaved
+    w, d = buf[..., 0], buf[..., 1]
+    new = ops.perturb_(w, d, scale=1.5)
+    check(w, new, w0 + new0, new0)
+    assert torch.equal(d, d0)
+
+
 # ---------------------------------------------------------------------------------------------
 # kl_div_with_logits
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +611,55 @@ def test_kl_edge_cases(device):
     e = torch.empty(0, 9, device=device)
     assert ops.kl_div_with_logits(e, e, reduction="none").shape == (0,)
     assert ops.kl_div_with_logits(e, e, reduction="sum").item() == 0
+
+
+@pytest.fixture(params=["kernels", "reference"])
+def kl_backend(request, monkeypatch):
+    """Both paths of ops.kl_div_with_logits: the kernels (where loaded) and the pure-PyTorch reference."""
+    if request.param == "kernels" and not COMPILED:
+        pytest.skip("compiled kernels not loaded (reference backend)")
+    if request.param == "reference":
+        monkeypatch.setattr(ops, "_HAVE_OPS", False)
+    return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_kl_mask_over_fewer_leading_dims_masks_whole_samples(kl_backend, device, reduction):
+    """A [B] mask on [B, T, C] logits (and a [B, T] one on [B, T, U, C]) is the mask expanded over
+    the remaining leading dims: "mean" counts every row of a kept sample."""
+    for shape, mask in [((3, 5, 7), torch.tensor([True, False, True])),
+                        ((2, 3, 4, 6), torch.tensor([[1, 0, 1], [0, 0, 1]]))]:
+        p = randn(*shape, device=device, scale=2.0)
+        q = randn(*shape, device=device, seed=1, scale=2.0).requires_grad_()
+        mask = mask.to(device)
+        full = mask.reshape(tuple(mask.shape) + (1,) * (len(shape) - 1 - mask.dim())).expand(shape[:-1])
+        out = ops.kl_div_with_logits(p, q, mask=mask, reduction=reduction)
+        q2 = q.detach().clone().requires_grad_()
+        expected = ref.kl_div_with_logits(p, q2, mask=full, reduction=reduction)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        if reduction == "mean":
+            rows = ref.kl_div_with_logits(p, q2, mask=full, reduction="none")
+            torch.testing.assert_close(out, rows.sum() / int(full.count_nonzero()))
+        (g,) = torch.autograd.grad(out.sum(), q)
+        (g2,) = torch.autograd.grad(expected.sum(), q2)
+        assert_close(g, g2, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (2, 4, 0)])
+def test_kl_without_classes_is_an_error(kl_backend, shape):
+    p, q = torch.empty(shape), torch.empty(shape)
+    with pytest.raises(ValueError, match=r"^q_logits has no classes: shape \(" + ", ".join(map(str, shape))):
+        ops.kl_div_with_logits(p, q)
+
+
+def test_kl_batchmean_of_one_distribution_is_its_sum(kl_backend):
+    """1-D logits are one distribution: batchmean is its KL, where F.kl_div divides by the classes."""
+    p, q = randn(7, scale=2.0), randn(7, seed=1, scale=2.0)
+    out = ops.kl_div_with_logits(p, q)
+    torch.testing.assert_close(out, ops.kl_div_with_logits(p, q, reduction="sum"))
+    torch.testing.assert_close(out, ops.kl_div_with_logits(p[None], q[None]))
+    torch.testing.assert_close(out, 7 * F.kl_div(F.log_softmax(q, -1), F.softmax(p, -1), reduction="batchmean"))
 
 
 # ---------------------------------------------------------------------------------------------

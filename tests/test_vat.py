@@ -1,6 +1,9 @@
 """The VAT API against the math of DESIGN §1: eigenvectors, the article's dense algorithm, the
 chi-square random start, and the 'nothing lost' contract."""
+import gc
 import math
+import warnings
+import weakref
 
 import pytest
 import torch
@@ -261,6 +264,142 @@ def test_vatloss_dropin_matches_vat_sample_norm():
     b = fastvat.VAT(model, xi=10.0, eps=1.0, iters=1, norm="sample")(x)
     torch.testing.assert_close(a, b)
     assert a.item() > 0
+
+
+def test_vatloss_is_a_module_without_state():
+    """nn.Module like the snippets' class: forward, .to(), containers, an empty state_dict; the model
+    it is called with is not a submodule (it is neither saved nor moved with the loss)."""
+    model = _mlp(torch.float32)
+    x = torch.randn(6, 5)
+    vat_loss = fastvat.VATLoss(xi=10.0, eps=1.0, ip=1)
+    assert isinstance(vat_loss, nn.Module)
+    torch.manual_seed(3)
+    a = vat_loss(model, x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(vat_loss.forward(model, x), a)
+    assert dict(vat_loss.state_dict()) == {} and list(vat_loss.children()) == []
+    assert list(vat_loss.parameters()) == [] and list(vat_loss.buffers()) == []
+    heads = nn.ModuleDict({"vat": vat_loss})
+    assert heads["vat"] is vat_loss and dict(heads.state_dict()) == {}
+    assert vat_loss.to(torch.float64) is vat_loss
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.manual_seed(3)
+    torch.testing.assert_close(vat_loss(model, x), a)
+
+
+def test_vatloss_does_not_keep_the_model_alive():
+    vat_loss = fastvat.VATLoss()
+    model = _mlp()
+    vat_loss(model, torch.randn(6, 5, dtype=torch.float64))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_vatloss_remembers_a_model_without_forward_ad_while_it_lives():
+    """In bf16 the exact power step needs forward-mode AD: a model without it warns once, and is
+    then remembered (finite differences, no second try) without being kept alive."""
+    class NoJvp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(_NoForwardAD.apply(x))
+
+    vat_loss, model, x = fastvat.VATLoss(xi=1.0), NoJvp(), torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(RuntimeWarning, match="forward-mode AD"):
+            vat_loss(model, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.isfinite(vat_loss(model, x))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+class Segmenter(nn.Module):
+    """[N, 2, H, W] images -> [N, 4, H, W] per-pixel class logits (class dim 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.double()
+
+    def forward(self, x):
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+def test_class_dim_1_is_the_kl_over_the_class_channel():
+    """VAT of segmentation logits with class_dim=1: KL(softmax over dim 1) summed over pixels, / N."""
+    torch.manual_seed(0)
+    model = Segmenter()
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    loss = fastvat.VAT(model, class_dim=1, generator=torch.Generator().manual_seed(4))(x)
+    r = fastvat.VAT(model, class_dim=1, generator=torch.Generator().manual_seed(4)).perturbation(x)
+    lp, lq = F.log_softmax(model(x), 1), F.log_softmax(model(x + r), 1)
+    expected = (lp.exp() * (lp - lq)).sum() / x.shape[0]
+    torch.testing.assert_close(loss, expected)
+    # the same class channel named from the end, and the same logits with their classes moved last
+    torch.testing.assert_close(fastvat.VAT(model, class_dim=-3, generator=torch.Generator().manual_seed(4))(x), loss)
+    last = nn.Sequential(model, nn.Flatten(2))  # [N, 4, H*W]: three dims, class_dim must still be said
+    torch.testing.assert_close(fastvat.VAT(last, class_dim=1, generator=torch.Generator().manual_seed(4))(x), loss)
+
+
+class TokenTagger(nn.Module):
+    """ids -> per-token logits, returned [B, C, T] (classes_first) or [B, T, C]."""
+
+    def __init__(self, classes_first):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 4)
+        self.fc = nn.Linear(4, 3)
+        self.classes_first = classes_first
+        self.double()
+
+    def forward(self, input_ids, attention_mask=None):
+        z = self.fc(torch.tanh(self.emb(input_ids)))
+        return z.transpose(1, 2) if self.classes_first else z
+
+
+@pytest.mark.parametrize("cls", [fastvat.VAT, fastvat.RandomNoise, fastvat.GradientPenalty])
+def test_class_dim_lines_up_with_the_attention_mask(cls):
+    """[B, C, T] logits with class_dim=1 give what the same model returning [B, T, C] gives: the
+    attention mask still masks the padded tokens' rows."""
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(3, 5, dtype=torch.long)
+    am[0, 3:] = 0
+    am[2, 1:] = 0
+    losses = []
+    for classes_first, kw in [(True, {"class_dim": 1}), (False, {})]:
+        reg = cls(TokenTagger(classes_first), embedding="emb", generator=torch.Generator().manual_seed(2), **kw)
+        losses.append(reg(ids, attention_mask=am))
+    torch.testing.assert_close(losses[0], losses[1])
+    assert losses[0] > 0
+
+
+def test_class_dim_reaches_the_exact_power_step():
+    """hvp="exact" (the low-precision power step) takes the softmax over class_dim too."""
+    torch.manual_seed(0)
+    model = Segmenter()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    r = [fastvat.VAT(model, class_dim=1, hvp=h, xi=1e-4, generator=torch.Generator().manual_seed(5)).perturbation(x)
+         for h in ("exact", "finite_difference")]
+    assert _cos(r[0], r[1]) > 0.999
 
 
 def test_loss_gradient_flows_to_parameters_only_through_final_pass():
