@@ -154,7 +154,7 @@ def exact_step(reg, args, kwargs, d):
     """
     t = reg._target
     if d is None:
-        t.random(1.0)
+        reg._start(1.0)
     else:
         t.direction(d, 1.0)
     box = {}
