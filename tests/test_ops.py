@@ -619,7 +619,7 @@ def kl_backend(request, monkeypatch):
     if request.param == "kernels" and not COMPILED:
         pytest.skip("compiled kernels not loaded (reference backend)")
     if request.param == "reference":
-        monkeypatch.setattr(ops, "_HAVE_OPS", False)
+        monkeypatch.setattr(ops._backend, "HAVE_KERNELS", False)
     return request.param
 
 
