@@ -30,11 +30,9 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 
 from fastvat import reference as ref
 from fastvat._model_io import extract_logits
-from fastvat._targets import InputTarget, OutputTarget, WeightTarget
 
 MODES = ("auto", "finite_difference", "exact")
 _HALF = (torch.float16, torch.bfloat16)
@@ -57,13 +55,10 @@ def _autocast_dtype(device_type):
         return None
 
 
-def compute_dtype(reg, args):
-    """The dtype the power step's arithmetic runs in: the autocast dtype, else the tensors' own."""
-    t = reg._target
-    if isinstance(t, InputTarget):
-        like = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    else:
-        like = t.module.weight
+def compute_dtype(model, like):
+    """The dtype the power step's arithmetic runs in: the autocast dtype, else the tensors' own.
+
+    ``like``: the tensor the perturbation is added to (or None when there is none yet)."""
     if like is None:
         return None
     ad = _autocast_dtype(like.device.type)
@@ -71,19 +66,20 @@ def compute_dtype(reg, args):
         return ad
     if like.dtype in _HALF:
         return like.dtype
-    for p in reg.model.parameters():
+    for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
     return like.dtype
 
 
-def use_exact(reg, args) -> bool:
-    mode = reg.hvp
+def use_exact(mode, unavailable, model, like) -> bool:
+    """Whether the power step is the exact one: forced, or ``"auto"`` in fp16/bf16 on a model that has
+    not shown (``unavailable``) that it lacks forward-mode AD."""
     if mode == "exact":
         return True
-    if mode == "finite_difference" or getattr(reg, "_hvp_unsupported", False):
+    if mode == "finite_difference" or unavailable:
         return False
-    return compute_dtype(reg, args) in _HALF
+    return compute_dtype(model, like) in _HALF
 
 
 @contextlib.contextmanager
@@ -104,7 +100,7 @@ def _dual(unit, box):
     scale = 1.0
     if n:
         # Rescale globally so that tangent elements are O(1) (fp16 has a narrow range).
-        rms = unit.detach().to(ref.acc_dtype(unit.dtype)).norm() / (n ** 0.5)
+        rms = ref.group_norm(unit.detach(), "global").reshape(()) / (n ** 0.5)
         scale = torch.where(rms > 0, 1.0 / rms.clamp_min(torch.finfo(rms.dtype).tiny), torch.ones_like(rms))
     z0 = torch.zeros_like(unit, requires_grad=True)
     box["z0"] = z0
@@ -115,59 +111,34 @@ def _dual(unit, box):
         return fwAD.make_dual(z0, (unit * scale).to(unit.dtype))
 
 
-@contextlib.contextmanager
-def _linearised(t, box):
-    """Install ``r = dual(0, d_unit)`` where the target would add its perturbation."""
-    if isinstance(t, OutputTarget):
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-                raise TypeError(f"the embedding's output must be a floating-point tensor, got {type(output).__name__}")
-            if t.mask is None and t._attention_mask is not None:
-                t.mask = t._mask_for(output)
-            unit = t.realise_for(tuple(output.shape), output.detach())
-            return output + _dual(unit, box)
-    elif isinstance(t, WeightTarget):
-        def hook(module, inputs, output):
-            t._capture(inputs[0])
-            unit = t._r_rows()
-            return output + F.embedding(t.inverse, _dual(unit, box))
-    else:
-        yield
-        return
-    handle = t.module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _is_forward_ad_gap(exc):
     msg = str(exc)
     return "forward AD" in msg or "forward-mode" in msg or "forward mode" in msg or "jvp" in msg
 
 
-def exact_step(reg, args, kwargs, d):
+def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
     """One power step ``d <- H d`` (the xi -> 0 limit), H the Gauss–Newton Hessian of D at r = 0.
 
-    d is None for the random start (drawn exactly as the finite-difference path draws it). Returns
-    a tensor shaped like the perturbation (what ``grad_r D`` would be), up to a global scale.
+    d is None for the first step, whose direction ``start()`` sets on the target (a random or a
+    warm start, drawn as the finite-difference path draws it). ``class_last`` puts the logits' class
+    dim last. Returns a tensor shaped like the perturbation (what ``grad_r D`` would be), up to a
+    global scale. A model without forward-mode AD raises ``FallBack`` (a RuntimeError when
+    ``strict``: the caller forced the exact step).
     """
-    t = reg._target
     if d is None:
-        reg._start(1.0)
+        start()
     else:
-        t.direction(d, 1.0)
+        target.direction(d, 1.0)
     box = {}
+
+    def make_dual(unit):
+        return _dual(unit, box)
+
     try:
         with torch.enable_grad(), _math_attention(), fwAD.dual_level():
-            with _linearised(t, box):
-                call_args = args
-                if isinstance(t, InputTarget):
-                    x = args[0]
-                    unit = t.realise_for(tuple(x.shape), x.detach())
-                    call_args = (x + _dual(unit, box),) + tuple(args[1:])
-                out = reg.model(*call_args, **kwargs)
-            primal, tangent = fwAD.unpack_dual(reg._class_last(extract_logits(out)))
+            with target.linearised(args, make_dual) as call_args:
+                out = model(*call_args, **kwargs)
+            primal, tangent = fwAD.unpack_dual(class_last(extract_logits(out)))
             with torch.no_grad():
                 dt = ref.acc_dtype(primal.dtype)
                 q = torch.softmax(primal.detach().to(dt), dim=-1)
@@ -176,32 +147,24 @@ def exact_step(reg, args, kwargs, d):
                 else:
                     jd = tangent.detach().to(dt)
                     w = q * (jd - (q * jd).sum(-1, keepdim=True))
-                mask = t.row_mask_for(primal)
+                mask = target.row_mask_for(primal)
                 if mask is not None:
                     w = w * mask.to(dt).reshape(tuple(mask.shape) + (1,))
                 w = w / w.abs().amax().clamp_min(torch.finfo(dt).tiny) if w.numel() else w
     except (NotImplementedError, RuntimeError) as exc:
         if not _is_forward_ad_gap(exc):
             raise
-        if reg.hvp == "exact":
+        if strict:
             raise RuntimeError(
                 "fastvat.VAT(hvp='exact') needs forward-mode AD through the model, and an op in it has none "
                 f"({exc}). Use hvp='finite_difference' with a larger xi, or run the model in float32."
             ) from exc
-        reg._hvp_unsupported = True
-        warnings.warn(
-            "fastvat.VAT: the model does not support forward-mode AD, so the exact low-precision power step is "
-            f"unavailable ({str(exc).splitlines()[0]}); falling back to finite differences, which need xi to be "
-            "large next to the perturbed tensor in fp16/bf16.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        raise FallBack() from exc
+        raise FallBack(str(exc).splitlines()[0]) from exc
     z0 = box.get("z0")
     if z0 is None:
-        t.check_reached()
+        target.check_reached()
         raise RuntimeError(
-            f"the model's forward never reached the {t.name} target; fastvat cannot perturb it"
+            f"the model's forward never reached the {target.name} target; fastvat cannot perturb it"
         )
     if not primal.requires_grad:
         return torch.zeros_like(z0)

@@ -82,13 +82,17 @@ class Regularizer:
             self._busy = False
             self._given_logits = None
 
-    def _forward(self, args, kwargs):
-        """One pass of the model with the target's current spec in place; returns the logits."""
+    def _run(self, args, kwargs):
+        """One pass of the model with the target's current spec in place; returns what the model returns."""
         t = self._target
         with t.installed():
             out = self.model(*t.apply_to_args(args), **kwargs)
         t.check_reached()
-        q = extract_logits(out)
+        return out
+
+    def _forward(self, args, kwargs):
+        """One pass of the model with the target's current spec in place; returns the logits."""
+        q = extract_logits(self._run(args, kwargs))
         given = self._given_logits
         if given is not None:
             if given.device != q.device:

@@ -101,7 +101,7 @@ class Target:
         # Global norm that also counts the mass of rows outside the batch (weight target).
         dt = ref.acc_dtype(d.dtype)
         d = d.to(dt)
-        n = torch.sqrt((d * d).sum() + extra_sumsq.to(dt))
+        n = torch.hypot(ref.group_norm(d, "global"), extra_sumsq.to(dt).sqrt())
         return (d * torch.where(n > 0, scale / n.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(n))).to(like.dtype)
 
     def _realise(self, shape, like, extra_dof=0):
@@ -178,6 +178,17 @@ class Target:
     def apply_to_args(self, args):
         return args
 
+    @contextlib.contextmanager
+    def linearised(self, args, make_dual):
+        """For one forward-mode pass: r = ``make_dual(unit)`` (zero, with the current direction as its
+        tangent) where the target adds r; yields the arguments to call the model with."""
+        raise NotImplementedError
+        yield
+
+    def perturbed_like(self, args):
+        """The tensor r is added to (its dtype and device decide the power step's precision), or None."""
+        return None
+
     def dense(self, r):
         """The perturbation shaped like the tensor it perturbs."""
         return r
@@ -223,6 +234,15 @@ class InputTarget(Target):
         r = self.realise_for(tuple(x.shape), x.detach())
         return (x + r,) + tuple(args[1:])
 
+    @contextlib.contextmanager
+    def linearised(self, args, make_dual):
+        x = args[0]
+        unit = self.realise_for(tuple(x.shape), x.detach())
+        yield (x + make_dual(unit),) + tuple(args[1:])
+
+    def perturbed_like(self, args):
+        return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
 
 class _EmbeddingTarget(Target):
     def __init__(self, module: nn.Embedding, norm: str, generator=None):
@@ -252,6 +272,18 @@ class _EmbeddingTarget(Target):
             finally:
                 handle.remove()
 
+    def perturbed_like(self, args):
+        return self.module.weight
+
+    @contextlib.contextmanager
+    def linearised(self, args, make_dual):
+        handle = self.module.register_forward_hook(lambda module, inputs, output: self._dual_hook(inputs, output,
+                                                                                               make_dual))
+        try:
+            yield args
+        finally:
+            handle.remove()
+
     def row_mask_for(self, logits):
         am = self._attention_mask
         if am is not None and logits.dim() >= 2 and tuple(am.shape) == tuple(logits.shape[:-1]):
@@ -273,13 +305,18 @@ class OutputTarget(_EmbeddingTarget):
             )
         return _checks.leading_mask(am, out, name="attention_mask", x_name="the embedding output")
 
-    def _hook(self, module, inputs, output):
+    def _r_for(self, output):
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             raise TypeError(f"the embedding's output must be a floating-point tensor, got {type(output).__name__}")
         if self.mask is None and self._attention_mask is not None:
             self.mask = self._mask_for(output)
-        r = self.realise_for(tuple(output.shape), output.detach())
-        return output + r
+        return self.realise_for(tuple(output.shape), output.detach())
+
+    def _hook(self, module, inputs, output):
+        return output + self._r_for(output)
+
+    def _dual_hook(self, inputs, output, make_dual):
+        return output + make_dual(self._r_for(output))
 
     def _patched_forward(self, *args, **kwargs):
         m = self.module
@@ -340,6 +377,10 @@ class WeightTarget(_EmbeddingTarget):
         self._capture(inputs[0])
         r = self._r_rows()
         return output + F.embedding(self.inverse, r)
+
+    def _dual_hook(self, inputs, output, make_dual):
+        self._capture(inputs[0])
+        return output + F.embedding(self.inverse, make_dual(self._r_rows()))
 
     def warm_keys(self):
         """The vocabulary rows the batch uses: r_adv has one entry per row."""

@@ -5,7 +5,6 @@ import torch
 
 from fastvat import _checks, _nonfinite, ops
 from fastvat import reference as ref
-from fastvat._model_io import extract_logits
 from fastvat._regularizer import Regularizer
 
 
@@ -38,13 +37,9 @@ class _Supervised(Regularizer):
         self.eps = _checks.finite_number("eps", eps, positive=True)
 
     def _loss(self, args, kwargs, y):
-        t = self._target
-        with t.installed():
-            out = self.model(*t.apply_to_args(args), **kwargs)
-        t.check_reached()
         if self.loss_fn is None:
-            return _model_loss(out)
-        return self.loss_fn(extract_logits(out), y)
+            return _model_loss(self._run(args, kwargs))
+        return self.loss_fn(self._forward(args, kwargs), y)
 
     def _check_y(self, y):
         if self.loss_fn is not None and y is None:
@@ -130,7 +125,7 @@ class PGD(_Supervised):
     def _project(self, r):
         if r.numel() == 0:  # an empty batch: nothing to project
             return r
-        n = ref.group_sumsq(r.to(ref.acc_dtype(r.dtype)), self.norm).sqrt()
+        n = ref.group_norm(r, self.norm)
         factor = torch.clamp(self.eps / n.clamp_min(torch.finfo(n.dtype).tiny), max=1.0)
         return (r * factor).to(r.dtype)
 

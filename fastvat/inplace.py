@@ -80,7 +80,7 @@ class ExactPerturbation:
                 self._backup.copy_(w)
             dt = ref.acc_dtype(direction.dtype)
             d = direction.detach()
-            norm = torch.linalg.vector_norm(d, dtype=dt)
+            norm = ref.group_norm(d, "global").reshape(())
             factor = torch.where(norm > 0, scale / norm.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(norm))
             if d.dtype != w.dtype:
                 d = d.to(w.dtype)

@@ -76,6 +76,17 @@ def pow2_scaled(v: torch.Tensor, norm: str):
     return v * s, s, usable
 
 
+def group_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """||v|| per norm group, shaped to broadcast against v, in v's accumulation dtype. Taken on the
+    power-of-two scaled v, so that it neither under- nor overflows where the norm itself is representable;
+    a zero group gives 0, a group holding NaN/Inf its plain (non-finite) sum."""
+    v = v.to(acc_dtype(v.dtype))
+    if v.numel() == 0:
+        return group_sumsq(v, norm).sqrt()
+    t, s, usable = pow2_scaled(v, norm)
+    return torch.where(usable, group_sumsq(t, norm).sqrt() / s, group_sumsq(v, norm).sqrt())
+
+
 def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
     """scale * v / ||v|| per group, v = (x - baseline) * mask; zero-norm groups give zeros."""
     dt = acc_dtype(x.dtype)

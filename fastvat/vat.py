@@ -1,6 +1,7 @@
 """Virtual adversarial training: ``fastvat.VAT`` and the drop-in ``fastvat.VATLoss``."""
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -69,10 +70,22 @@ class VAT(Regularizer):
         # Power step: "finite_difference" (xi matters), "exact" (the xi -> 0 limit, see fastvat._hvp),
         # "auto": exact when it would run in fp16/bf16, where x + xi*d rounds back to x.
         self.hvp = _checks.choice("hvp", hvp, _hvp.MODES)
+        # Set once the model has shown it has no forward-mode AD: "auto" then stays on finite differences.
+        self.exact_unavailable = False
 
     def __repr__(self):
         return (f"VAT(target={self.target!r}, norm={self.norm!r}, xi={self.xi}, eps={self.eps}, "
                 f"iters={self.iters}, warm_start={self.warm_start})")
+
+    def _exact_fell_back(self, exc):
+        self.exact_unavailable = True
+        warnings.warn(
+            "fastvat.VAT: the model does not support forward-mode AD, so the exact low-precision power step is "
+            f"unavailable ({exc}); falling back to finite differences, which need xi to be large next to the "
+            "perturbed tensor in fp16/bf16.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     # -- warm start (fastvat/_warm.py) ------------------------------------------------------------
     def _start(self, scale, *, requires_grad=False):
@@ -147,13 +160,16 @@ class VAT(Regularizer):
         """Power iteration: d <- grad_d D(p, f(x + xi d/|d|)); returns d (None when iters == 0)."""
         t = self._target
         d = None
-        exact = self.iters > 0 and _hvp.use_exact(self, args)
+        exact = self.iters > 0 and _hvp.use_exact(self.hvp, self.exact_unavailable, self.model,
+                                                   t.perturbed_like(args))
         for _ in range(self.iters):
             if exact:
                 try:
-                    d = _hvp.exact_step(self, args, kwargs, d)
+                    d = _hvp.exact_step(self.model, t, args, kwargs, d, start=lambda: self._start(1.0),
+                                        class_last=self._class_last, strict=self.hvp == "exact")
                     continue
-                except _hvp.FallBack:
+                except _hvp.FallBack as exc:
+                    self._exact_fell_back(exc)
                     exact = False
             if d is None:
                 self._start(self.xi, requires_grad=True)
@@ -274,11 +290,11 @@ class VATLoss(nn.Module):
 
     def forward(self, model, x, logits=None):
         vat = VAT(model, xi=self.xi, eps=self.eps, iters=self.ip, norm="sample", class_dim=self.class_dim)
-        vat._hvp_unsupported = model in self._no_forward_ad
+        vat.exact_unavailable = model in self._no_forward_ad
         try:
             return vat(x, logits=logits)
         finally:
-            if vat._hvp_unsupported:
+            if vat.exact_unavailable:
                 self._no_forward_ad.add(model)
 
     def __getstate__(self):
