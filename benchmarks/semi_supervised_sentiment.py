@@ -48,7 +48,7 @@ The protocol (``--protocol``): selection on validation, evaluation on fresh seed
 --------------------------------------------------------------------------------
 Seed-to-seed spread on this task (±1-2 points) is as large as the effect, so hyper-parameters are chosen
 on validation with *selection seeds* only, then frozen and run on *fresh evaluation seeds*; test never
-chooses anything.
+chooses anything (selection runs do not even evaluate on it).
 
 1. Learning rate, shared by every method: the lr of ``--lr-grid`` (default 5e-5, 1e-4, 2e-4) with the
    best mean validation accuracy of ``sup`` alone over the selection seeds (default 0, 1, 2). Choosing
@@ -377,7 +377,8 @@ def evaluate(model, enc, idx, cfg, torch, device):
     return correct / max(1, len(idx))
 
 
-def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progress):
+def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progress, with_test=True):
+    """One training run; with_test=False (selection runs) never touches the test split."""
     import torch.nn.functional as F
 
     test, val, lab, unl = splits
@@ -455,9 +456,11 @@ def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progre
             acc = checkpoint(step)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val=f"{acc:.3f}", best=f"{best[0]:.3f}@{best[1]}")
-    test_last = evaluate(model, enc, test, cfg, torch, device)
-    model.load_state_dict(best_state)
-    test_sel = evaluate(model, enc, test, cfg, torch, device)
+    test_last = test_sel = None
+    if with_test:
+        test_last = evaluate(model, enc, test, cfg, torch, device)
+        model.load_state_dict(best_state)
+        test_sel = evaluate(model, enc, test, cfg, torch, device)
     warm = step_times[min(2, len(step_times) - 1):] or step_times
     return dict(
         seed=seed, method=name, family=fam, settings=st, lr=st["lr"], curve=curve, best_val=best[0],
@@ -867,7 +870,7 @@ def run_protocol(ctx, methods, pcfg, store, out, res, t_start):
         c = dict(cfg, lr=lr)
         r, fresh = store.get(stage, name, fam, over, seed, c,
                              lambda: run_one(ctx["base"], ctx["enc"], ctx["splits"][seed], seed, name, fam, over, c,
-                                             ctx["torch"], ctx["device"], ctx["progress"]))
+                                             ctx["torch"], ctx["device"], ctx["progress"], with_test=stage == "eval"))
         done += 1
         walls.setdefault(fam, []).append(r["wall_s"])
         r = dict(r, stage=stage)
@@ -875,8 +878,9 @@ def run_protocol(ctx, methods, pcfg, store, out, res, t_start):
         bar.update(1)
         eta = eta_s()
         bar.set_postfix_str(f"{stage} {name} seed {seed}")
+        test = "" if r["test_acc"] is None else f", test {100 * r['test_acc']:.2f}"
         print(f"[protocol] {done}/{total} {'ran' if fresh else 'loaded'} {stage:<8} {name:<22} lr {lr:g} seed "
-              f"{seed:>2}: best val {100 * r['best_val']:.2f} @ {r['best_step']:>3}, test {100 * r['test_acc']:.2f}, "
+              f"{seed:>2}: best val {100 * r['best_val']:.2f} @ {r['best_step']:>3}{test}, "
               f"{r['s_per_step']:.3f} s/step, {r['wall_s']:.0f} s; ETA {eta / 60:.0f} min", flush=True)
         return r
 
