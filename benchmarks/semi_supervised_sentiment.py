@@ -170,7 +170,7 @@ PROTOCOL_PRESETS = {
 # and on the embedding output the same with target="output", norm="sample" and index=True.
 FAMILIES = {
     "sup": dict(kind=None, kwargs={}),
-    "noise": dict(kind="noise", kwargs=dict(target="output", norm="sample", eps=10.0, k=1)),
+    "noise": dict(kind="noise", kwargs=dict(target="output", norm="sample", eps=10.0, sigma=None, k=1)),
     "gp": dict(kind="gp", kwargs=dict(target="output", form="kl", estimator="rademacher", samples=1), w=0.3,
                math_attention=True),
     "vat_weight": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=1)),
@@ -611,10 +611,12 @@ def pct(x):
 def describe(settings):
     """'eps=5 xi=0.1' : the settings a reader compares, not every constructor argument."""
     kw = settings.get("kwargs") or {}
-    parts = [f"{k}={kw[k]:g}" for k in ("eps", "xi") if isinstance(kw.get(k), (int, float))]
+    size = ("sigma",) if kw.get("sigma") is not None else ("eps", "xi")  # RandomNoise ignores eps given sigma
+    parts = [f"{k}={kw[k]:g}" for k in size if isinstance(kw.get(k), (int, float))]
     if settings.get("w") is not None and settings["w"] != 1.0:
         parts.append(f"w={settings['w']:g}")
-    parts += [f"{k}={v}" for k, v in kw.items() if k not in ("eps", "xi", "target", "norm", "form", "estimator")
+    parts += [f"{k}={v}" for k, v in kw.items()
+              if k not in ("eps", "xi", "sigma", "target", "norm", "form", "estimator") and v is not None
               and not (k in ("iters", "k", "samples") and v == 1)]
     return " ".join(parts)
 
