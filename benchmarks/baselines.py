@@ -1,23 +1,126 @@
-"""VAT baselines written from the math, without fastvat (naive eager, the article's dense in-place
-algorithm on an embedding matrix, torch.compile of the naive one).
+"""VAT written from the math, without fastvat: the baselines fastvat is measured against.
 
-The code lives in fastvat/bench/baselines.py so that ``python -m fastvat bench`` can use it;
-this module re-exports it for scripts in benchmarks/.
+- ``NaiveVAT`` — the common eager PyTorch VAT: its own clean forward always, a full
+  ``loss.backward()`` in the power iteration (weight gradients included) read from the
+  perturbation leaf's ``.grad`` followed by ``model.zero_grad()``, normalisation by separate ops
+  ``d / (d.norm(dim=...) + 1e-8)``, ``F.kl_div(F.log_softmax(q), F.softmax(p), 'batchmean')``.
+  Target: the model's input (``embedding=None``) or an ``nn.Embedding``'s output (forward hook).
+- ``DenseWeightVAT`` — the article's algorithm on an embedding matrix (bert4keras
+  ``virtual_adversarial_training``): a dense [V, H] random start, ``weight.data += delta``, the
+  gradient w.r.t. the full matrix, ``weight.data -= delta`` after the update.
+
+Every call returns the VAT loss; ``DenseWeightVAT`` also needs ``restore()`` after the
+optimizer step (it leaves the perturbation in the weight until then, as the article does).
 """
-import os
-import sys
+from __future__ import annotations
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
 
-from fastvat.bench.baselines import (  # noqa: E402,F401
-    DenseWeightVAT,
-    NaiveVAT,
-    compiled,
-    kl_eager,
-    logits_of,
-    normalize_global,
-    normalize_per_sample,
-)
 
-__all__ = ["NaiveVAT", "DenseWeightVAT", "compiled", "kl_eager", "logits_of", "normalize_global",
-           "normalize_per_sample"]
+def logits_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, dict):
+        return out["logits"]
+    return out[0]
+
+
+def kl_eager(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)), batchmean, the usual way."""
+    return F.kl_div(F.log_softmax(q_logits, dim=-1), F.softmax(p_logits, dim=-1), reduction="batchmean")
+
+
+def normalize_per_sample(d):
+    dims = tuple(range(1, d.dim()))
+    return d / (d.norm(dim=dims, keepdim=True) + 1e-8)
+
+
+def normalize_global(d):
+    return d / (d.norm() + 1e-8)
+
+
+class NaiveVAT:
+    """Eager VAT as found in most PyTorch code (per-sample norm, full backward, zero_grad)."""
+
+    def __init__(self, model, embedding=None, *, xi=1e-1, eps=1.0, iters=1, compile_model=False):
+        self.model = model
+        self.forward = torch.compile(model) if compile_model else model
+        self.xi, self.eps, self.iters = xi, eps, iters
+        self.embedding = embedding
+        self.r = None
+        self.shape = None
+        self.handle = embedding.register_forward_hook(self._hook) if embedding is not None else None
+
+    def close(self):
+        """Remove the forward hook from the embedding."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _hook(self, module, inputs, output):
+        self.shape = output.shape
+        if self.r is None:
+            return None
+        return output + self.r
+
+    def _logits(self, args, kwargs, r):
+        if self.embedding is None:
+            if r is not None:
+                args = (args[0] + r,) + tuple(args[1:])
+            return logits_of(self.forward(*args, **kwargs))
+        self.r = r
+        try:
+            return logits_of(self.forward(*args, **kwargs))
+        finally:
+            self.r = None
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            p = self._logits(args, kwargs, None)
+        shape = args[0].shape if self.embedding is None else self.shape
+        like = args[0] if self.embedding is None else p
+        d = torch.randn(shape, device=like.device)
+        for _ in range(self.iters):
+            d = (self.xi * normalize_per_sample(d)).requires_grad_()
+            q = self._logits(args, kwargs, d)
+            kl_eager(p, q).backward()
+            d = d.grad.detach()
+            self.model.zero_grad()
+        r = self.eps * normalize_per_sample(d)
+        return kl_eager(p, self._logits(args, kwargs, r))
+
+
+class DenseWeightVAT:
+    """The article's algorithm, in place on the full [V, H] embedding matrix (global norm)."""
+
+    def __init__(self, model, embedding, *, xi=10.0, eps=1.0, iters=1):
+        self.model, self.embedding = model, embedding
+        self.xi, self.eps, self.iters = xi, eps, iters
+        self.applied = None
+
+    def __call__(self, *args, **kwargs):
+        w = self.embedding.weight
+        with torch.no_grad():
+            p = logits_of(self.model(*args, **kwargs))
+        delta1 = None
+        delta2 = torch.randn_like(w)
+        for _ in range(self.iters):
+            delta2 = self.xi * normalize_global(delta2)
+            w.data.add_(delta2 if delta1 is None else delta2 - delta1)
+            delta1 = delta2
+            q = logits_of(self.model(*args, **kwargs))
+            (delta2,) = torch.autograd.grad(kl_eager(p, q), w)  # dense [V, H]
+        delta2 = self.eps * normalize_global(delta2)
+        w.data.add_(delta2 if delta1 is None else delta2 - delta1)
+        self.applied = delta2
+        return kl_eager(p, logits_of(self.model(*args, **kwargs)))
+
+    def restore(self):
+        """Take the perturbation out of the weight (after the optimizer step)."""
+        if self.applied is not None:
+            self.embedding.weight.data.sub_(self.applied)
+            self.applied = None
+

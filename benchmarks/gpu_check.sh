@@ -10,7 +10,7 @@
 # Env: PYTHON (default python3), FASTVAT_GPU_CHECK_BUDGET (total seconds, default 470),
 #      TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 16).
 # Outputs: OUTDIR/summary.log env.log build.log resource.log pytest.log pytest_all.log
-#          sanitize_plain.log sanitizer.log bench.log gpu_ops.json gpu_ops.md
+#          sanitize_plain.log sanitizer.log bench.log gpu_ops/bench_cuda.{json,csv,png}
 set -u -o pipefail
 
 OUT=${1:-gpu_check_out}
@@ -23,7 +23,6 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export FASTVAT_CUDA=1
-export FASTVAT_NO_JIT=1   # a failed build must not silently turn into a JIT build inside the tests
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${FASTVAT_GPU_CHECK_BUDGET:-470}
@@ -94,8 +93,9 @@ grep -E "failing checks" "$OUT/sanitize_plain.log" | tee -a "$SUMMARY"
 
 # ---- 4. op benchmark (before the slower checks, so that a slow build still leaves it time) ----------
 T_BENCH=$(limit 200 60)
-run "bench_ops_gpu.py" "$OUT/bench.log" "$T_BENCH" 0 \
-  $PY benchmarks/bench_ops_gpu.py --out "$OUT/gpu_ops.json" --budget $(( T_BENCH - 20 ))
+# torch.compile only in the first half of its time, so that every case still gets timed
+run "op benchmark (benchmarks/run.py --device cuda --only ops)" "$OUT/bench.log" "$T_BENCH" 0 \
+  $PY benchmarks/run.py --device cuda --only ops --no-progress --out "$OUT/gpu_ops" --budget $(( T_BENCH / 2 ))
 
 # ---- 3b. compute-sanitizer memcheck of the same cases ------------------------------------------------
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
@@ -114,6 +114,6 @@ run "pytest tests/ minus the cuda cases above (-m 'not slow')" "$OUT/pytest_all.
 grep -E "passed|failed|error" "$OUT/pytest_all.log" | tail -2 | tee -a "$SUMMARY"
 
 # the benchmark table (end of its log) last, next to the summary
-sed -n '/== fastvat GPU ops/,$p' "$OUT/bench.log" | head -80
+sed -n '/^case  /,$p' "$OUT/bench.log" | head -80
 note "done in $(elapsed)s; logs in $OUT"
 cat "$SUMMARY"

@@ -1,6 +1,8 @@
-"""Finds the kernels: the compiled module, else a JIT build with ninja, else the reference.
+"""Finds the kernels: the compiled module, else (only with FASTVAT_JIT=1) a JIT build with ninja,
+else the pure-PyTorch reference.
 
-Import never fails; falling back to the pure-PyTorch reference warns once.
+Import never fails and never compiles unless asked: a JIT build takes minutes and needs a compiler,
+which an ``import`` must not start behind the user's back. Falling back to the reference warns once.
 """
 from __future__ import annotations
 
@@ -36,7 +38,12 @@ def _try_compiled() -> bool:
 
 def _try_jit() -> bool:
     csrc = os.path.join(_ROOT, "csrc")
-    if not os.path.isdir(csrc) or os.environ.get("FASTVAT_NO_JIT") == "1":
+    if os.environ.get("FASTVAT_JIT") != "1":
+        _STATE["error"] = (f"{_STATE['error']}; build it with `pip install --no-build-isolation -e .` "
+                           "from a clone, or set FASTVAT_JIT=1 to compile it at import")
+        return False
+    if not os.path.isdir(csrc):
+        _STATE["error"] = f"{_STATE['error']}; FASTVAT_JIT=1 but there are no kernel sources at {csrc}"
         return False
     try:
         from torch.utils import cpp_extension

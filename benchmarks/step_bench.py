@@ -20,16 +20,14 @@ algorithm's ``restore()`` is, since the article pays it every step).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
-import sys
 
 import torch
 
-from fastvat.bench import timing
-from fastvat.bench.baselines import DenseWeightVAT, NaiveVAT, kl_eager
-from fastvat.bench.timing import check, paired_ratio as ratio, row
+import timing
+from baselines import DenseWeightVAT, NaiveVAT, kl_eager
+from report import check, row
+from timing import paired_ratio as ratio
 
 SIZES = {
     "smoke": {"layers": 1, "hidden": 32, "heads": 2, "vocab": 1000, "batch": 4, "seq": 16,
@@ -170,8 +168,8 @@ class _Bare:
         self.r = None
 
 
-def _row(ctx, case, shape, **kw):
-    return row(suite="step", case=case, shape=shape, dtype="float32", device=ctx.device.type, **kw)
+def _row(ctx, case, shape, load=None, **kw):
+    return row(suite="step", case=case, shape=shape, dtype="float32", device=ctx.device.type, **(load or {}), **kw)
 
 
 def _shape(model, b, t):
@@ -231,23 +229,23 @@ def bench_output_mode(ctx, model, name, *, batch_size, seq, iters=1, with_compil
         naive.close()
         if cnaive is not None:
             cnaive.close()
-            with contextlib.suppress(Exception):
-                torch._dynamo.reset()
+            timing.reset_dynamo()
     compiled_ms = res["compiled"].ms if "compiled" in res else None
 
     p, b, bl = res["plain"], res["bound"], res["bound_logits"]
     f, fl, n = res["fastvat"], res["fastvat_logits"], res["naive"]
+    load = res.load
     rows = [
-        _row(ctx, f"{name}: plain step (fwd+bwd)", shape, baseline="plain", baseline_ms=p.ms, baseline_iqr_ms=p.iqr_ms),
-        _row(ctx, f"{name}: bare-pass bound", shape, baseline="bare passes", baseline_ms=b.ms, baseline_iqr_ms=b.iqr_ms,
+        _row(ctx, f"{name}: plain step (fwd+bwd)", shape, load, baseline="plain", baseline_ms=p.ms, baseline_iqr_ms=p.iqr_ms),
+        _row(ctx, f"{name}: bare-pass bound", shape, load, baseline="bare passes", baseline_ms=b.ms, baseline_iqr_ms=b.iqr_ms,
              note=f"with logits=: {bl.ms:.1f} ms"),
-        _row(ctx, f"{name}: VAT step (output)", shape, baseline="naive eager VAT", baseline_ms=n.ms,
+        _row(ctx, f"{name}: VAT step (output)", shape, load, baseline="naive eager VAT", baseline_ms=n.ms,
              baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms, speedup=ratio(n, f),
              compiled_ms=compiled_ms, compiled_note=compiled_note,
              speedup_vs_compiled=(ratio(res["compiled"], f) if "compiled" in res else None),
              bound_ms=b.ms, pct_of_bound=100.0 * ratio(f, b), value=ratio(f, p),
              note=f"value = VAT/plain; iters={iters}"),
-        _row(ctx, f"{name}: VAT step (output, logits=)", shape, baseline="naive eager VAT", baseline_ms=n.ms,
+        _row(ctx, f"{name}: VAT step (output, logits=)", shape, load, baseline="naive eager VAT", baseline_ms=n.ms,
              baseline_iqr_ms=n.iqr_ms, fastvat_ms=fl.ms, fastvat_iqr_ms=fl.iqr_ms, speedup=ratio(n, fl),
              bound_ms=bl.ms, pct_of_bound=100.0 * ratio(fl, bl), value=ratio(fl, p),
              note="naive runs its own clean forward; fastvat reuses the caller's logits"),
@@ -264,8 +262,8 @@ def _compile_run(ctx, step):
         return True, "torch.compile(model)"
     except timing.TimeLimit as exc:
         return False, f"compile {exc}"
-    except Exception as exc:  # noqa: BLE001
-        return False, f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+    except Exception as exc:  # noqa: BLE001 - a failed compile is a result, not an error
+        return False, f"compile failed: {timing.first_line(exc)}"
 
 
 def bench_weight_mode(ctx, vocab):
@@ -294,10 +292,10 @@ def bench_weight_mode(ctx, vocab):
     st = ctx.time_many({"plain": plain_step(model, ids, am, y), "fastvat": fv, "dense": dv}, secondary=True)
     p, f, d = st["plain"], st["fastvat"], st["dense"]
     shape = _shape(model, c["batch"], c["seq"])
-    r = _row(ctx, f"VAT step (weight) V={vocab}", shape, baseline="dense in-place (article)", baseline_ms=d.ms,
+    r = _row(ctx, f"VAT step (weight) V={vocab}", shape, st.load, baseline="dense in-place (article)", baseline_ms=d.ms,
              baseline_iqr_ms=d.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms, speedup=ratio(d, f),
              value=ratio(f, p), note=f"value = VAT/plain; plain {p.ms:.1f} ms")
-    return r, {"plain": p, "fastvat": f, "dense": d}
+    return r, st
 
 
 def bench_sweep(ctx):
@@ -336,7 +334,7 @@ def bench_sweep(ctx):
                             dtype="float32", device=ctx.device.type, baseline="naive eager VAT", baseline_ms=n.ms,
                             baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms, fastvat_iqr_ms=f.iqr_ms,
                             speedup=ratio(n, f), value=ratio(f, p),
-                            note=f"value = VAT/plain; plain {p.ms:.1f} ms"))
+                            note=f"value = VAT/plain; plain {p.ms:.1f} ms", **st.load))
     return rows
 
 
@@ -344,10 +342,11 @@ def _bound_checks(res, prefix=""):
     """fastvat against the bare-pass bound (bar) and the naive step (bar), and naive against the bound."""
     f, b, n = res["fastvat"], res["bound"], res["naive"]
     fb, nf = ratio(f, b), ratio(n, f)
+    busy = res.load["busy"]
     return [
-        check(f"{prefix}fastvat / bare-pass bound", fb, f"<={BARS['bound']}", fb <= BARS["bound"]),
-        check(f"{prefix}naive / bare-pass bound", ratio(n, b), None, None),
-        check(f"{prefix}naive / fastvat", nf, f">={BARS['naive']}", nf >= BARS["naive"]),
+        check(f"{prefix}fastvat / bare-pass bound", fb, f"<={BARS['bound']}", fb <= BARS["bound"], busy=busy),
+        check(f"{prefix}naive / bare-pass bound", ratio(n, b), None, None, busy=busy),
+        check(f"{prefix}naive / fastvat", nf, f">={BARS['naive']}", nf >= BARS["naive"], busy=busy),
     ]
 
 
@@ -374,13 +373,14 @@ def run(ctx, *, sweep=True):
     f, fl, n = res["fastvat"], res["fastvat_logits"], res["naive"]
     bl, p = res["bound_logits"], res["plain"]
     flbl, nfl = ratio(fl, bl), ratio(n, fl)
+    busy = res.load["busy"]
     checks += _bound_checks(res) + [
-        check("fastvat(logits=) / bound(logits=)", flbl, f"<={BARS['bound']}", flbl <= BARS["bound"]),
-        check("naive / fastvat(logits=)", nfl, f">={BARS['naive_logits']}", nfl >= BARS["naive_logits"]),
-        check("VAT/plain (output target)", ratio(f, p), None, None),
+        check("fastvat(logits=) / bound(logits=)", flbl, f"<={BARS['bound']}", flbl <= BARS["bound"], busy=busy),
+        check("naive / fastvat(logits=)", nfl, f">={BARS['naive_logits']}", nfl >= BARS["naive_logits"], busy=busy),
+        check("VAT/plain (output target)", ratio(f, p), None, None, busy=busy),
     ]
     if "compiled" in res:
-        checks.append(check("compiled naive / fastvat", ratio(res["compiled"], f), None, None))
+        checks.append(check("compiled naive / fastvat", ratio(res["compiled"], f), None, None, busy=busy))
 
     wres = {}
     for v in c["weight_vocabs"]:
@@ -397,9 +397,9 @@ def run(ctx, *, sweep=True):
         scaling = (ratio(hi["fastvat"], hi["plain"])) / (ratio(lo["fastvat"], lo["plain"]))
         checks += [
             check(f"dense / fastvat-weight at V={vs[1]}", dense_ratio, f">={BARS['dense_250k']}",
-                  dense_ratio >= BARS["dense_250k"]),
+                  dense_ratio >= BARS["dense_250k"], busy=hi.load["busy"]),
             check(f"(VAT/plain @V={vs[1]}) / (VAT/plain @V={vs[0]})", scaling, f"<={BARS['vocab_scaling']}",
-                  scaling <= BARS["vocab_scaling"], note="weight target"),
+                  scaling <= BARS["vocab_scaling"], note="weight target", busy=lo.load["busy"] or hi.load["busy"]),
         ]
     if "base_width" in c:
         bw = c["base_width"]
@@ -424,33 +424,3 @@ def run(ctx, *, sweep=True):
             ch["bar"], ch["bar_met"] = None, None
     return rows, checks
 
-
-# ---------------------------------------------------------------------------------------------
-# script entry (benchmarks/bench_step.py)
-# ---------------------------------------------------------------------------------------------
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="VAT training step: fastvat vs bare-pass bound and baselines")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--mode", default="full", choices=list(SIZES))
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the naive step")
-    ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--no-minilm", action="store_true")
-    ap.add_argument("--compile-cap", type=float, default=300.0)
-    ap.add_argument("--out", default="bench_out")
-    args = ap.parse_args(argv)
-    timing.stable_malloc()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_step: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
-    ctx = Ctx(args.device, args.mode, args.quick, compile=(False if args.no_compile else None),
-              compile_cap_s=args.compile_cap, minilm=(False if args.no_minilm else None),
-              progress=lambda s: print(f"[step] {s}", file=sys.stderr, flush=True))
-    rows, checks = run(ctx, sweep=not args.no_sweep)
-    rows += checks
-    machine = timing.machine_info(args.device)
-    print(timing.machine_line(machine))
-    print(timing.format_table(rows))
-    paths = timing.write_outputs(args.out, f"step_{args.device}", rows, machine, vars(args))
-    print("wrote " + ", ".join(paths.values()))
-    return 0
