@@ -24,9 +24,6 @@ DEFAULTS = {
     "input": {"xi": 1e-1, "eps": 1.0},
 }
 
-# What a NaN/Inf in the logits or the power-iteration gradient does: fastvat/_nonfinite.py
-# (shared with the other regularizers) and docs/reliability.md §3.
-NONFINITE = _nonfinite.MODES
 POWER = "the power iteration (the model's logits or their gradient at x + xi*d)"
 ADVERSARIAL = "the adversarial pass (the model's logits at x + r_adv)"
 
