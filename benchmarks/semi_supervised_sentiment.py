@@ -103,6 +103,9 @@ Usage
     python benchmarks/semi_supervised_sentiment.py --full --device cuda \\
         --methods "sup,vat_weight,vat_output[eps=1],vat_output[eps=2],vat_output[eps=5]"
 
+On a CPU shared with other jobs, start it with ``OMP_WAIT_POLICY=PASSIVE``: with more runnable threads than
+cores, OpenMP's spinning workers made a 2-thread sup step 3-6x slower here (2.0-4.7 s against 0.7 s passive).
+
 Writes into ``--out``: results.json (settings, versions, machine, every run with its curve), results.md
 (tables), cells/ (one record per finished run), learning_curves.png, and in the protocol paired_gains.png.
 
@@ -1102,7 +1105,8 @@ def main(argv=None):
                       fastvat_backend=ext.get("backend"), python=platform.python_version(), source=source_version()),
         machine=dict(device=(torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
                              else f"cpu ({platform.processor() or platform.machine()})"),
-                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), platform=platform.platform()),
+                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), platform=platform.platform(),
+                     omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")),
         runs=[],
     )
     store = CellStore(out, args.resume)
