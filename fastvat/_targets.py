@@ -360,11 +360,15 @@ class WeightTarget(_EmbeddingTarget):
         elif self.ids.shape != ids.shape:
             raise RuntimeError("the embedding saw token ids of another shape in a later pass of the same call")
 
-    def _r_rows(self):
-        w = self.module.weight
-        u = self.rows.numel()
-        extra_dof = (self.module.num_embeddings - u) * w.shape[1] if self.norm == "global" else 0
-        return self.realise_for((u, w.shape[1]), w.detach(), extra_dof=extra_dof)
+    def _r_rows(self, like=None):
+        """r on the batch's rows, in the dtype and on the device of ``like`` (default: the weight).
+
+        Hooks pass the embedding's output: after an FSDP unit's forward the weight is a shard again,
+        whose dtype and device need not be those the forward computed in."""
+        like = self.module.weight.detach() if like is None else like.detach()
+        u, h = self.rows.numel(), self.module.embedding_dim
+        extra_dof = (self.module.num_embeddings - u) * h if self.norm == "global" else 0
+        return self.realise_for((u, h), like, extra_dof=extra_dof)
 
     def _fused_forward(self, ids):
         self._capture(ids)
@@ -375,12 +379,12 @@ class WeightTarget(_EmbeddingTarget):
 
     def _hook(self, module, inputs, output):
         self._capture(inputs[0])
-        r = self._r_rows()
+        r = self._r_rows(output)
         return output + F.embedding(self.inverse, r)
 
     def _dual_hook(self, inputs, output, make_dual):
         self._capture(inputs[0])
-        return output + F.embedding(self.inverse, make_dual(self._r_rows()))
+        return output + F.embedding(self.inverse, make_dual(self._r_rows(output)))
 
     def warm_keys(self):
         """The vocabulary rows the batch uses: r_adv has one entry per row."""
