@@ -31,8 +31,9 @@ import warnings
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from fastvat import _fsdp
 from fastvat import reference as ref
-from fastvat._model_io import extract_logits
+from fastvat._model_io import _cuda_rng_states, extract_logits
 
 MODES = ("auto", "finite_difference", "exact")
 _HALF = (torch.float16, torch.bfloat16)
@@ -61,11 +62,17 @@ def compute_dtype(model, like):
     ``like``: the tensor the perturbation is added to (or None when there is none yet)."""
     if like is None:
         return None
-    ad = _autocast_dtype(like.device.type)
-    if ad in _HALF:
-        return ad
+    # Under FSDP with CPU offload a shard's device is not where the forward runs, and a mixed-precision
+    # policy computes in a dtype that neither the shards nor the inputs have.
+    for device_type in sorted({like.device.type} | _fsdp.compute_device_types(model)):
+        ad = _autocast_dtype(device_type)
+        if ad in _HALF:
+            return ad
     if like.dtype in _HALF:
         return like.dtype
+    policy = _fsdp.param_dtypes(model) & set(_HALF)
+    if policy:
+        return min(policy, key=str)
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -116,6 +123,28 @@ def _is_forward_ad_gap(exc):
     return "forward AD" in msg or "forward-mode" in msg or "forward mode" in msg or "jvp" in msg
 
 
+def _primal_pass(model, target, args, kwargs, class_last, rng):
+    """The logits at r = 0 with autograd, r a zero leaf shaped like the jvp pass's.
+
+    ``rng``: the global generators' states when the jvp pass reached the target; set again at the same
+    point, so what follows the target (dropout) draws what it drew in the jvp pass, and the generators
+    end where that pass left them."""
+    box = {}
+
+    def zero_leaf(unit):
+        cpu, cuda = rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        box["z0"] = torch.zeros_like(unit, requires_grad=True)
+        return box["z0"]
+
+    with torch.enable_grad(), _math_attention():
+        with target.linearised(args, zero_leaf) as call_args:
+            out = model(*call_args, **kwargs)
+        return class_last(extract_logits(out)), box["z0"]
+
+
 def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
     """One power step ``d <- H d`` (the xi -> 0 limit), H the Gauss–Newton Hessian of D at r = 0.
 
@@ -131,11 +160,18 @@ def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
         target.direction(d, 1.0)
     box = {}
 
+    # FSDP2 routes every grad-requiring module input through an autograd.Function whose forward-mode
+    # rule fails while autograd records ("the jvp is not returning a view"): the jvp pass runs without
+    # autograd and a second pass, replaying the RNG so dropout draws the same masks, gives the vjp.
+    split = bool(_fsdp.fully_shard_units(model))
+
     def make_dual(unit):
+        if split:
+            box["rng"] = (torch.get_rng_state(), _cuda_rng_states())
         return _dual(unit, box)
 
     try:
-        with torch.enable_grad(), _math_attention(), fwAD.dual_level():
+        with (torch.no_grad() if split else torch.enable_grad()), _math_attention(), fwAD.dual_level():
             with target.linearised(args, make_dual) as call_args:
                 out = model(*call_args, **kwargs)
             primal, tangent = fwAD.unpack_dual(class_last(extract_logits(out)))
@@ -166,6 +202,8 @@ def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
         raise RuntimeError(
             f"the model's forward never reached the {target.name} target; fastvat cannot perturb it"
         )
+    if split:
+        primal, z0 = _primal_pass(model, target, args, kwargs, class_last, box["rng"])
     if not primal.requires_grad:
         return torch.zeros_like(z0)
     (hd,) = torch.autograd.grad(primal, z0, grad_outputs=w.to(primal.dtype), allow_unused=True)
