@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from fastvat import _checks, _nonfinite
+from fastvat import _checks, _fsdp, _nonfinite
 from fastvat._regularizer import Regularizer
 
 FORMS = ("kl", "mse")
 ESTIMATORS = ("rademacher", "exact")
 LOGITS = "the model's logits at x"
 GRADIENT = "the input gradient (the gradient of the model's outputs at x)"
+# Measured with torch 2.14: the second backward fails with "setStorage: ... storage of size 0" when FSDP
+# resharded after the first, and leaves every sharded gradient None when it did not.
+FSDP_REASON = ("the penalty backpropagates through an input gradient (a double backward), and FSDP frees "
+               "the gathered parameters that gradient's graph holds once the first backward ends (or, "
+               "with resharding after backward off, the shards get no gradient at all); use "
+               "DistributedDataParallel for a gradient penalty")
 
 
 def _grad_or_zero(y, r):
@@ -56,6 +62,7 @@ class GradientPenalty(Regularizer):
         return (g * g).reshape(g.shape[0], -1).sum(1) if g.numel() else g.new_zeros(g.shape[0])
 
     def __call__(self, *args, **kwargs):
+        _fsdp.refuse(self.model, "GradientPenalty", FSDP_REASON)
         with self._call(args, kwargs) as (args, kwargs):
             t = self._target
             t.zeros(requires_grad=True)
