@@ -18,6 +18,9 @@ term is the batch-mean over the union of both batches. Evaluation losses are sup
 ``VATMixin`` carries the same ``compute_loss`` for other ``Trainer`` subclasses:
 ``class MyTrainer(VATMixin, SomeTrainer): ...``.
 
+Under the Trainer's FSDP2 (``TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})``) the VAT
+passes run on the sharded model itself (docs/integrations.md, "FSDP").
+
 Only this module imports transformers; ``import fastvat`` never does.
 """
 from __future__ import annotations
@@ -37,7 +40,10 @@ __all__ = ["VATMixin", "VATTrainer"]
 
 
 def _unwrap(model):
-    """The module under DistributedDataParallel / DataParallel wrappers (their forward may communicate)."""
+    """The module under DistributedDataParallel / DataParallel wrappers (their forward may communicate).
+
+    FSDP is left as it is: FSDP2 shards the module in place, and FSDP1's wrapper is what gathers
+    the parameters for a forward."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     while isinstance(model, wrappers):
         model = model.module
