@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_mod
@@ -176,14 +175,3 @@ def unchanged(model=None, *, tensors=None, generator=None, **kwargs):
     finally:
         assert_unchanged(before, snapshot(model, tensors=tensors, generator=generator), **kwargs)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
-    spin-waits make them ~100x slower: run a module's tests on one thread, then put it back."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -16,7 +16,10 @@ import fastvat
 from fastvat import ops
 from fastvat.inplace import ExactPerturbation
 
-from _state import assert_unchanged, one_thread, snapshot  # noqa: F401 (autouse fixture)
+from _state import assert_unchanged, snapshot
+from models import mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU")
@@ -36,6 +39,8 @@ class Text(nn.Module):
 
 
 class MLP(nn.Module):
+    """x [N, 5] -> linear -> BatchNorm -> tanh -> linear: 3 logits."""
+
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh())
@@ -105,7 +110,7 @@ def _text():
     return _lived_in(Text(), torch.randint(0, 20, (4, 6)))
 
 
-def _mlp():
+def _bn_mlp():
     torch.manual_seed(0)
     return _lived_in(MLP(), torch.randn(4, 5))
 
@@ -271,11 +276,11 @@ def _user_cases():
     c = {}
     # --- constructors: unknown strings ---
     c["VAT/unknown norm"] = lambda: (lambda m: _model_case(m, lambda: fastvat.VAT(m, norm="l2"), ValueError,
-                                                           r"^norm must be one of"))(_mlp())
+                                                           r"^norm must be one of"))(_bn_mlp())
     c["VAT/unknown target"] = lambda: (lambda m: _model_case(m, lambda: fastvat.VAT(m, m.emb, target="logits"),
                                                              ValueError, r"^target must be one of"))(_text())
     c["VAT/unknown nonfinite"] = lambda: (lambda m: _model_case(m, lambda: fastvat.VAT(m, nonfinite="nan"),
-                                                                ValueError, r"^nonfinite must be one of"))(_mlp())
+                                                                ValueError, r"^nonfinite must be one of"))(_bn_mlp())
     for cls, make in [("RandomNoise", lambda m, nf: fastvat.RandomNoise(m, nonfinite=nf)),
                       ("GradientPenalty", lambda m, nf: fastvat.GradientPenalty(m, nonfinite=nf)),
                       ("FGM", lambda m, nf: fastvat.FGM(m, F.cross_entropy, nonfinite=nf)),
@@ -283,14 +288,14 @@ def _user_cases():
         for nf in ("nan", None):
             c[f"{cls}/nonfinite={nf!r}"] = (lambda make, nf: lambda: (lambda m: _model_case(
                 m, lambda: make(m, nf), ValueError,
-                rf"^nonfinite must be one of 'raise', 'zero', 'ignore'; got {nf!r}$"))(_mlp()))(make, nf)
+                rf"^nonfinite must be one of 'raise', 'zero', 'ignore'; got {nf!r}$"))(_bn_mlp()))(make, nf)
     c["VAT/weight target, sample norm"] = lambda: (lambda m: _model_case(
         m, lambda: fastvat.VAT(m, m.emb, target="weight", norm="sample"), ValueError,
         r"^norm must be one of 'global', 'token'"))(_text())
     c["GradientPenalty/unknown form"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.GradientPenalty(m, form="l1"), ValueError, r"^form must be one of"))(_mlp())
+        m, lambda: fastvat.GradientPenalty(m, form="l1"), ValueError, r"^form must be one of"))(_bn_mlp())
     c["GradientPenalty/unknown estimator"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.GradientPenalty(m, estimator="hutch"), ValueError, r"^estimator must be one of"))(_mlp())
+        m, lambda: fastvat.GradientPenalty(m, estimator="hutch"), ValueError, r"^estimator must be one of"))(_bn_mlp())
     c["GradientPenalty/weight target"] = lambda: (lambda m: _model_case(
         m, lambda: fastvat.GradientPenalty(m, m.emb, target="weight"), ValueError, r"^target 'weight'"))(_text())
     # --- constructors: numbers ---
@@ -305,35 +310,35 @@ def _user_cases():
         ("iters=1.5", {"iters": 1.5}, TypeError, r"^iters must be an int"),
     ]:
         c[f"VAT/{name}"] = (lambda kw, exc, match: lambda: (lambda m: _model_case(
-            m, lambda: fastvat.VAT(m, **kw), exc, match))(_mlp()))(kw, exc, match)
+            m, lambda: fastvat.VAT(m, **kw), exc, match))(_bn_mlp()))(kw, exc, match)
     c["VAT/class_dim as a string"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.VAT(m, class_dim="1"), TypeError, r"^class_dim must be an int"))(_mlp())
+        m, lambda: fastvat.VAT(m, class_dim="1"), TypeError, r"^class_dim must be an int"))(_bn_mlp())
     c["RandomNoise/class_dim=True"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.RandomNoise(m, class_dim=True), TypeError, r"^class_dim must be an int"))(_mlp())
+        m, lambda: fastvat.RandomNoise(m, class_dim=True), TypeError, r"^class_dim must be an int"))(_bn_mlp())
     c["GradientPenalty/class_dim=1.0"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.GradientPenalty(m, class_dim=1.0), TypeError, r"^class_dim must be an int"))(_mlp())
+        m, lambda: fastvat.GradientPenalty(m, class_dim=1.0), TypeError, r"^class_dim must be an int"))(_bn_mlp())
     c["VATLoss/class_dim as a string"] = lambda: (None, {}, lambda: fastvat.VATLoss(class_dim="1"), TypeError,
                                                   r"^class_dim must be an int")
     c["VATLoss/eps=0"] = lambda: (None, {}, lambda: fastvat.VATLoss(eps=0), ValueError, r"^eps must be > 0")
     c["VATLoss/ip=-1"] = lambda: (None, {}, lambda: fastvat.VATLoss(ip=-1), ValueError, r"^ip must be >= 0")
     c["RandomNoise/k=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.RandomNoise(m, k=0), ValueError,
-                                                          r"^k must be >= 1"))(_mlp())
+                                                          r"^k must be >= 1"))(_bn_mlp())
     c["RandomNoise/sigma=nan"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.RandomNoise(m, sigma=math.nan), ValueError, r"^sigma must be finite"))(_mlp())
+        m, lambda: fastvat.RandomNoise(m, sigma=math.nan), ValueError, r"^sigma must be finite"))(_bn_mlp())
     c["RandomNoise/loss_fn not callable"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.RandomNoise(m, loss_fn=3), TypeError, r"^loss_fn must be callable"))(_mlp())
+        m, lambda: fastvat.RandomNoise(m, loss_fn=3), TypeError, r"^loss_fn must be callable"))(_bn_mlp())
     c["GradientPenalty/samples=0"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.GradientPenalty(m, samples=0), ValueError, r"^samples must be >= 1"))(_mlp())
+        m, lambda: fastvat.GradientPenalty(m, samples=0), ValueError, r"^samples must be >= 1"))(_bn_mlp())
     c["FGM/eps=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.FGM(m, F.cross_entropy, eps=0), ValueError,
-                                                    r"^eps must be > 0"))(_mlp())
+                                                    r"^eps must be > 0"))(_bn_mlp())
     c["FGM/loss_fn not callable"] = lambda: (lambda m: _model_case(m, lambda: fastvat.FGM(m, "ce"), TypeError,
-                                                                   r"^loss_fn must be callable"))(_mlp())
+                                                                   r"^loss_fn must be callable"))(_bn_mlp())
     c["PGD/steps=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, F.cross_entropy, steps=0),
-                                                      ValueError, r"^steps must be >= 1"))(_mlp())
+                                                      ValueError, r"^steps must be >= 1"))(_bn_mlp())
     c["PGD/steps=1.5"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, F.cross_entropy, steps=1.5),
-                                                        TypeError, r"^steps must be an int"))(_mlp())
+                                                        TypeError, r"^steps must be an int"))(_bn_mlp())
     c["PGD/alpha=nan"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, F.cross_entropy, alpha=math.nan),
-                                                        ValueError, r"^alpha must be finite"))(_mlp())
+                                                        ValueError, r"^alpha must be finite"))(_bn_mlp())
     # --- constructors: model, embedding, target, generator ---
     c["VAT/model not a module"] = lambda: (None, {}, lambda: fastvat.VAT(lambda x: x), TypeError,
                                            r"^model must be an nn.Module")
@@ -352,7 +357,7 @@ def _user_cases():
     c["VAT/input target with embedding"] = lambda: (lambda m: _model_case(
         m, lambda: fastvat.VAT(m, m.emb, target="input"), ValueError, r"^target 'input'.*embedding="))(_text())
     c["VAT/generator not a Generator"] = lambda: (lambda m: _model_case(
-        m, lambda: fastvat.VAT(m, generator=0), TypeError, r"^generator must be a torch.Generator"))(_mlp())
+        m, lambda: fastvat.VAT(m, generator=0), TypeError, r"^generator must be a torch.Generator"))(_bn_mlp())
 
     # --- calls ---
     def vat_call(make_model, reg_kwargs, args, kwargs, exc, match, cls=None):
@@ -369,19 +374,20 @@ def _user_cases():
 
     emb = {"embedding": "emb"}  # by dotted name
     wemb = {"embedding": "emb", "target": "weight"}
-    c["VAT(x)/bool input"] = vat_call(_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.bool)], {}, TypeError,
+    c["VAT(x)/bool input"] = vat_call(_bn_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.bool)], {}, TypeError,
                                       r"^target 'input' needs a floating-point tensor as the first positional")
-    c["VAT(x)/int input"] = vat_call(_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.long)], {}, TypeError,
+    c["VAT(x)/int input"] = vat_call(_bn_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.long)], {}, TypeError,
                                      r"^target 'input' needs a floating-point tensor as the first positional")
-    c["VAT(x)/no input"] = vat_call(_mlp, {}, [], {}, ValueError, r"^target 'input' perturbs the first positional")
+    c["VAT(x)/no input"] = vat_call(_bn_mlp, {}, [], {}, ValueError, r"^target 'input' perturbs the first positional")
     c["VATLoss/int input"] = lambda: (lambda m, x: (m, {"x": x}, lambda: fastvat.VATLoss()(m, x), TypeError,
                                                     r"first positional argument"))(
-        _mlp(), torch.ones(4, 5, dtype=torch.long))
-    c["VAT(x)/logits of the wrong shape"] = vat_call(_mlp, {}, [X], {"logits": lambda: torch.randn(4, 7)},
+        _bn_mlp(), torch.ones(4, 5, dtype=torch.long))
+    c["VAT(x)/logits of the wrong shape"] = vat_call(_bn_mlp, {}, [X], {"logits": lambda: torch.randn(4, 7)},
                                                      ValueError, r"^logits has shape \(4, 7\) but the model returned")
-    c["VAT(x)/logits on another device"] = vat_call(_mlp, {}, [X], {"logits": lambda: torch.randn(4, 3, device="meta")},
+    c["VAT(x)/logits on another device"] = vat_call(_bn_mlp, {}, [X],
+                                                    {"logits": lambda: torch.randn(4, 3, device="meta")},
                                                     ValueError, r"^logits is on meta but the model's logits are on cpu")
-    c["VAT(x)/integer logits"] = vat_call(_mlp, {}, [X], {"logits": lambda: torch.ones(4, 3, dtype=torch.long)},
+    c["VAT(x)/integer logits"] = vat_call(_bn_mlp, {}, [X], {"logits": lambda: torch.ones(4, 3, dtype=torch.long)},
                                           TypeError, r"^logits must be a floating-point tensor")
     c["VAT(ids)/weight: ids too large"] = vat_call(_text, wemb, [lambda: torch.full((4, 6), 20)], {}, ValueError,
                                                    r"^token ids must lie in \[0, 20\).*\[20, 20\]")
@@ -416,7 +422,7 @@ def _user_cases():
     c["VAT/class_dim out of range"] = vat_call(
         _segmenter, {"class_dim": 4}, [seg], {}, ValueError,
         r"^class_dim=4 is out of range for the model's logits of shape \(2, 3, 4, 5\)")
-    c["VAT/class_dim out of range, negative"] = vat_call(_mlp, {"class_dim": -3}, [X], {}, ValueError,
+    c["VAT/class_dim out of range, negative"] = vat_call(_bn_mlp, {"class_dim": -3}, [X], {}, ValueError,
                                                          r"^class_dim=-3 is out of range")
     c["VATLoss/4-D logits without class_dim"] = lambda: (lambda m, x: (m, {"x": x}, lambda: fastvat.VATLoss()(m, x),
                                                                        ValueError, r"4 dims.*class_dim="))(
@@ -427,17 +433,17 @@ def _user_cases():
                                                             r"never called the embedding passed as embedding=")
     c["FGM/embedding never called"] = vat_call(Unused, {"loss_fn": F.cross_entropy, **emb}, [IDS], {"y": Y},
                                                ValueError, r"never called the embedding", cls=fastvat.FGM)
-    c["FGM/no y"] = vat_call(_mlp, {"loss_fn": F.cross_entropy}, [X], {}, ValueError, r"^y \(the targets",
+    c["FGM/no y"] = vat_call(_bn_mlp, {"loss_fn": F.cross_entropy}, [X], {}, ValueError, r"^y \(the targets",
                              cls=fastvat.FGM)
-    c["PGD/no y"] = vat_call(_mlp, {"loss_fn": F.cross_entropy}, [X], {}, ValueError, r"^y \(the targets",
+    c["PGD/no y"] = vat_call(_bn_mlp, {"loss_fn": F.cross_entropy}, [X], {}, ValueError, r"^y \(the targets",
                              cls=fastvat.PGD)
-    c["FGM/model without .loss"] = vat_call(_mlp, {}, [X], {}, TypeError, r"^loss_fn is None, so the model's output",
+    c["FGM/model without .loss"] = vat_call(_bn_mlp, {}, [X], {}, TypeError, r"^loss_fn is None, so the model's output",
                                             cls=fastvat.FGM)
-    c["RandomNoise/loss_fn without y"] = vat_call(_mlp, {"loss_fn": F.cross_entropy}, [X], {}, ValueError,
+    c["RandomNoise/loss_fn without y"] = vat_call(_bn_mlp, {"loss_fn": F.cross_entropy}, [X], {}, ValueError,
                                                   r"^y \(the targets for loss_fn\)", cls=fastvat.RandomNoise)
-    c["RandomNoise/bool input"] = vat_call(_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.bool)], {}, TypeError,
+    c["RandomNoise/bool input"] = vat_call(_bn_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.bool)], {}, TypeError,
                                            r"^target 'input' needs a floating-point", cls=fastvat.RandomNoise)
-    c["GradientPenalty/int input"] = vat_call(_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.int32)], {}, TypeError,
+    c["GradientPenalty/int input"] = vat_call(_bn_mlp, {}, [lambda: torch.ones(4, 5, dtype=torch.int32)], {}, TypeError,
                                               r"^target 'input' needs a floating-point", cls=fastvat.GradientPenalty)
     c["PGD/weight: ids too large"] = vat_call(_text, {"loss_fn": F.cross_entropy, **wemb},
                                               [lambda: torch.full((4, 6), 99)], {"y": Y}, ValueError,
@@ -462,7 +468,7 @@ def _cuda_cases():
     }
 
     def vat_logits_cuda():
-        m = _mlp()
+        m = _bn_mlp()
         x, lg = X(), torch.randn(4, 3, device="cuda")
         reg = fastvat.VAT(m)
         return m, {"x": x, "logits": lg}, (lambda: reg(x, logits=lg)), ValueError, r"^logits is on cuda"
@@ -511,7 +517,7 @@ def test_bad_input_cuda(case):
 def test_empty_batch_gives_zero_loss(target):
     torch.manual_seed(0)
     if target == "input":
-        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        model = mlp((5, 8, 3), seed=None)
         inputs, reg = (torch.randn(0, 5),), fastvat.VAT(model)
     else:
         model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(24, 3))
@@ -528,7 +534,7 @@ def test_empty_batch_gives_zero_loss(target):
 
 @pytest.mark.parametrize("reg_cls", [fastvat.RandomNoise, fastvat.GradientPenalty, fastvat.FGM, fastvat.PGD])
 def test_empty_batch_other_regularizers(reg_cls):
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = mlp((5, 8, 3), seed=None)
     if reg_cls in (fastvat.RandomNoise, fastvat.GradientPenalty):
         loss = reg_cls(model)(torch.randn(0, 5))
         assert float(loss.detach()) == 0.0
@@ -542,7 +548,7 @@ def test_empty_batch_other_regularizers(reg_cls):
 @pytest.mark.parametrize("reg_cls", [fastvat.FGM, fastvat.PGD])
 def test_empty_batch_with_a_mean_loss_is_nonfinite(reg_cls):
     """F.cross_entropy's mean of an empty batch is NaN: nonfinite="raise" (default) says so, "ignore" returns it."""
-    model = _mlp()
+    model = _bn_mlp()
     x, y = torch.randn(0, 5), torch.zeros(0, dtype=torch.long)
     before = snapshot(model)
     with pytest.raises(FloatingPointError, match=r"non-finite value \(NaN or Inf\) in the loss at x"):

@@ -7,10 +7,11 @@ part that sees graph breaks and the ops' fake kernels and autograd) and one indu
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fastvat
 from fastvat import ops
+
+from models import TinyText, mlp
 
 BACKEND = fastvat.extension_info()["backend"]
 needs_kernels = pytest.mark.skipif(
@@ -128,25 +129,6 @@ def test_explain_reports_no_graph_break_for_all_ops_together():
 # ------------------------------------------------------------------------------------------
 # VAT with a compiled model equals eager
 # ------------------------------------------------------------------------------------------
-class TinyText(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(30, 8)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, input_ids, attention_mask):
-        h = torch.tanh(self.fc1(self.emb(input_ids)))
-        m = attention_mask.to(h.dtype).unsqueeze(-1)
-        return self.fc2((h * m).sum(1) / m.sum(1))
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
 def _step(model, make_vat, args, kwargs, y):
     """One supervised + VAT step; returns the VAT loss and the gradients."""
     model.zero_grad()
@@ -169,7 +151,7 @@ def _compare(model, make_vat, args, kwargs, y, backend):
 
 @pytest.mark.parametrize("target", ["output", "weight"])
 def test_vat_on_compiled_text_model_matches_eager(target):
-    model = TinyText()
+    model = TinyText(vocab=30, dim=8, hidden=16, classes=3, dtype=torch.float32, seed=0)
     ids = torch.tensor([[1, 4, 9, 0], [2, 2, 7, 5], [3, 8, 0, 0]])
     am = (ids != 0).long()
     y = torch.tensor([0, 1, 2])
@@ -186,7 +168,7 @@ def test_vat_on_compiled_text_model_matches_eager(target):
 def test_output_target_on_compiled_model_is_never_silently_unperturbed():
     """With dynamo's default config (no guards on submodule hooks): either the eager result or a clear
     error, never a loss computed without the perturbation."""
-    model = TinyText()
+    model = TinyText(vocab=30, dim=8, hidden=16, classes=3, dtype=torch.float32, seed=0)
     ids = torch.tensor([[1, 4, 9, 0], [2, 2, 7, 5]])
     am = (ids != 0).long()
 
@@ -205,7 +187,7 @@ def test_output_target_on_compiled_model_is_never_silently_unperturbed():
 
 
 def test_vat_on_inductor_compiled_model_matches_eager():
-    model = _mlp()
+    model = mlp((6, 16, 3))
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 0, 1])
 

@@ -16,7 +16,9 @@ from torch import nn
 
 import fastvat
 
-from _state import assert_unchanged, one_thread, snapshot  # noqa: F401 (autouse fixture)
+from _state import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Boom(RuntimeError):
@@ -125,10 +127,13 @@ def test_model_raising_halfway_leaves_no_trace(reg_name, target):
                 assert where == "backward", f"forward fault on pass {n} was swallowed"
             assert_unchanged(before, snapshot(model), rng=where == "forward")
             assert not reg._busy
-    # and the regularizer still works afterwards
+    # and the regularizer still works afterwards: as one that never saw a fault (same RNG draws)
     model.calls, model.fail_on, model.fail_backward_on = 0, None, None
+    torch.manual_seed(7)
     loss = _call(reg, x)
-    assert torch.isfinite(loss)
+    torch.manual_seed(7)
+    fresh = _call(REGULARIZERS[reg_name](model, TARGETS[target]), x)
+    assert torch.isfinite(loss) and torch.equal(loss, fresh)
 
 
 def test_user_patched_forward_survives_the_weight_target():
@@ -333,8 +338,14 @@ def test_other_regularizers_nonfinite_raise_names_where(case, target, bad_value)
         _call_other(reg, x)
     assert_unchanged(before, snapshot(model, generator=g))  # weights, .grad, BN, flags, hooks, RNGs
     assert not reg._busy
-    model.bad_from = model.bad_grad_from = None  # and the regularizer still works afterwards
-    assert torch.isfinite(_call_other(reg, x))
+    # and the regularizer still works afterwards, as one that never saw a fault: the failed call put
+    # the generator back, so a fresh regularizer seeded the same draws the same directions
+    model.bad_from = model.bad_grad_from = None
+    torch.manual_seed(7)
+    loss = _call_other(reg, x)
+    torch.manual_seed(7)
+    fresh = _call_other(OTHERS[name](model, {**TARGETS[target], "generator": torch.Generator().manual_seed(3)}), x)
+    assert torch.isfinite(loss) and torch.equal(loss, fresh)
 
 
 @pytest.mark.parametrize("case,target", NONFINITE_COMBOS, ids=_ids)
@@ -471,29 +482,41 @@ class MinusInf(nn.Module):
 @pytest.mark.parametrize("name", ["VAT"] + list(OTHERS))
 @pytest.mark.parametrize("nonfinite", ["raise", "zero"])
 def test_masked_classes_with_minus_inf_are_not_an_error(nonfinite, name):
-    """-inf logits mean probability 0 (a masked class); NaN and +inf are errors."""
-
+    """-inf logits mean probability 0 (a masked class): the loss is that of the same model without the
+    class. NaN and +inf are errors."""
     torch.manual_seed(0)
     model = MinusInf(lambda z: torch.tensor([False, False, False, True]))  # class 3 masked
+    x = torch.randn(8, 5)
+    make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
+    rng = torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
-        loss = _call_other(make(model, {"nonfinite": nonfinite}), torch.randn(8, 5))
+        loss = _call_other(make(model, {"nonfinite": nonfinite}), x)
     assert torch.isfinite(loss) and loss > 0
+    if name == "GradientPenalty":
+        return  # its estimator projects on a random vector over the classes: 4 draws here, 3 without the class
+    three = nn.Linear(5, 3)
+    with torch.no_grad():
+        three.weight.copy_(model.fc.weight[:3])
+        three.bias.copy_(model.fc.bias[:3])
+    torch.set_rng_state(rng)
+    torch.testing.assert_close(loss, _call_other(make(three, {"nonfinite": nonfinite}), x), rtol=1e-5, atol=1e-7)
 
 
 
 class TokenLevel(nn.Module):
-    """Per-token logits [B, T, C] that are NaN at the padding token (id 0), as a model may leave them."""
+    """Per-token logits [B, T, C] that are NaN at the padding token (id 0), as a model may leave them
+    (``nan_at_padding=False``: finite there)."""
 
-    def __init__(self):
+    def __init__(self, nan_at_padding=True):
         super().__init__()
         self.emb = nn.Embedding(20, 6)
         self.fc = nn.Linear(6, 3)
+        self.nan_at_padding = nan_at_padding
 
     def forward(self, ids, attention_mask=None):
         z = self.fc(torch.tanh(self.emb(ids)))
-        return z.masked_fill(ids[..., None] == 0, float("nan"))
+        return z.masked_fill(ids[..., None] == 0, float("nan")) if self.nan_at_padding else z
 
 
 @pytest.mark.parametrize("name", ["VAT", "RandomNoise", "GradientPenalty"])
@@ -511,12 +534,22 @@ def test_nonfinite_logits_in_padding_rows_are_not_an_error(name, target):
     ids[am == 0] = 0
     make = REGULARIZERS["VAT"] if name == "VAT" else OTHERS[name]
     reg = make(model, {"nonfinite": "raise", **TARGETS[target]})
+    rng = torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss = reg(ids, attention_mask=am)
     assert torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # the loss and its gradients are those of the same model with finite logits at the padding
+    finite = TokenLevel(nan_at_padding=False)
+    finite.load_state_dict(model.state_dict())
+    torch.set_rng_state(rng)
+    want = make(finite, {"nonfinite": "raise", **TARGETS[target]})(ids, attention_mask=am)
+    want.backward()
+    assert torch.equal(loss, want)
+    for p, q in zip(model.parameters(), finite.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
     # the same NaN in a row that is not masked (a padding id the mask lets through) is an error that
     # names the clean logits
     am[1, 6] = 1
