@@ -442,12 +442,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory):
-    pytest.importorskip("transformers")
-    out_dir = tmp_path_factory.mktemp("fsdp")
+def _spawn(worker, nprocs, out_dir):
+    """Runs ``worker(rank, port, out_dir)`` in ``nprocs`` fresh processes; kills them after TIMEOUT_S."""
     start = time.monotonic()
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=nprocs, join=False,
                              start_method="spawn")
     try:
         while not ctx.join(timeout=2):
@@ -457,7 +455,13 @@ def sharded_results(tmp_path_factory):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(nprocs)]
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return _spawn(_worker, WORLD, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")
@@ -555,3 +559,42 @@ def test_vat_trainer_under_accelerate_fsdp2(sharded_results):
     total.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[0]["grads"][n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA: CPU-offloaded shards must not hide CUDA autocast from hvp="auto" (skipped without a GPU)
+# ------------------------------------------------------------------------------------------
+def _cuda_offload_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method="env://", rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cuda", (1,))
+    _, kwargs, _ = _bert_batch(0)
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    cosines = {}
+    for target, units in (("output", _bert_units), ("weight", _bert_units_embedding_alone)):
+        unsharded, sharded = _bert().cuda(), _bert().cuda()
+        for unit in units(sharded):
+            fsdp.fully_shard(unit, mesh=mesh, offload_policy=fsdp.CPUOffloadPolicy())
+        fsdp.fully_shard(sharded, mesh=mesh, offload_policy=fsdp.CPUOffloadPolicy())
+        r = {}
+        for name, model in (("sharded", sharded), ("unsharded", unsharded)):
+            vat = fastvat.VAT(model, embedding=model.get_input_embeddings(), target=target, xi=1e-6,
+                              generator=torch.Generator("cuda").manual_seed(1))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                r[name] = vat.perturbation(**kwargs).float().cpu()
+        cosines[target] = _cosine(r["sharded"], r["unsharded"])
+    torch.save(cosines, os.path.join(out_dir, "rank0.pt"))
+    os._exit(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs a CUDA GPU and NCCL")
+def test_cuda_offload_with_autocast_takes_the_exact_step(tmp_path):
+    """With the shards on the CPU, the autocast that matters is CUDA's: a finite difference at xi=1e-6
+    in bf16 would give a zero or random direction, the exact step the unsharded model's."""
+    pytest.importorskip("transformers")
+    (cosines,) = _spawn(_cuda_offload_worker, 1, tmp_path)
+    assert all(c > 0.99 for c in cosines.values()), cosines
