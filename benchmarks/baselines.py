@@ -17,15 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def logits_of(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if getattr(out, "logits", None) is not None:
-        return out.logits
-    if isinstance(out, dict):
-        return out["logits"]
-    return out[0]
+from fastvat._model_io import extract_logits as logits_of
 
 
 def kl_eager(p_logits, q_logits):

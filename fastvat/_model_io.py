@@ -11,16 +11,18 @@ from torch.nn.modules.batchnorm import _NormBase
 LABEL_KWARGS = ("labels", "label", "targets")
 
 
-def extract_logits(output, *, what="the model's output"):
-    """The logits in a model's return value: a tensor, its ``.logits``, a dict's 'logits', or element 0."""
+def extract_logits(output, *, what="the model's output", tuple_index=0):
+    """The logits in a model's return value: a tensor, its ``.logits``, a dict's 'logits', or the tuple's
+    element ``tuple_index`` (1 for a Hugging Face tuple that starts with the loss)."""
     if isinstance(output, torch.Tensor):
         logits = output
     elif getattr(output, "logits", None) is not None:
         logits = output.logits
     elif isinstance(output, dict) and "logits" in output:
         logits = output["logits"]
-    elif isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], torch.Tensor):
-        logits = output[0]
+    elif (isinstance(output, (tuple, list)) and len(output) > tuple_index
+          and isinstance(output[tuple_index], torch.Tensor)):
+        logits = output[tuple_index]
     else:
         raise TypeError(
             f"cannot find logits in {what}: expected a tensor, an object with .logits, a dict with 'logits' "

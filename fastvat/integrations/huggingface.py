@@ -35,6 +35,7 @@ import transformers
 
 import fastvat
 from fastvat import _checks
+from fastvat._model_io import extract_logits
 
 __all__ = ["VATMixin", "VATTrainer"]
 
@@ -65,15 +66,10 @@ def _logits_of(outputs, had_labels):
     """The logits of a model output (ModelOutput, dict or tuple), or None when there are none."""
     if outputs is None:
         return None
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, dict):
-        logits = outputs.get("logits")
-    if logits is None and isinstance(outputs, (tuple, list)):
-        i = 1 if had_labels else 0
-        logits = outputs[i] if len(outputs) > i else None
-    if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() > 0:
-        return logits
-    return None
+    try:
+        return extract_logits(outputs, tuple_index=1 if had_labels else 0)
+    except (TypeError, ValueError):
+        return None
 
 
 class VATMixin:
