@@ -6,6 +6,7 @@ Install with `pip install --no-build-isolation -e .` after torch, so the extensi
 built against the torch you run.
 """
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -44,30 +45,33 @@ def _want_cuda(torch):
     return True
 
 
+def _build_config():
+    """fastvat/_build.py, loaded from its file: importing the package would load the kernels being built."""
+    spec = importlib.util.spec_from_file_location("fastvat_build", os.path.join(ROOT, "fastvat", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
 
+    cfg = _build_config()
     with_cuda = _want_cuda(torch)
     if with_cuda:
         # cpp_extension read CUDA_HOME at import; point it at the real toolkit.
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    sources = ["csrc/fastvat.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]  # no -std: torch adds the one it needs (c++20 for torch >= 2.13)
     kwargs = dict(
         name="fastvat._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        sources=[os.path.relpath(p, ROOT) for p in cfg.sources(ROOT, with_cuda)],
+        include_dirs=[cfg.csrc_dir(ROOT)],
+        extra_link_args=cfg.LINK_FLAGS,
+        extra_compile_args={"cxx": cfg.cxx_flags(with_cuda)},
     )
     if with_cuda:
-        kwargs["sources"] = sources + sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"] = {
-            "cxx": cxx + ["-DFASTVAT_WITH_CUDA"],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
-        }
+        kwargs["extra_compile_args"]["nvcc"] = cfg.NVCC_FLAGS
         return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
-    kwargs["extra_compile_args"] = {"cxx": cxx}
     return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
 
 

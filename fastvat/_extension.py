@@ -6,11 +6,12 @@ which an ``import`` must not start behind the user's back. Falling back to the r
 """
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 
 import torch
+
+from fastvat import _build
 
 _STATE = {"backend": None, "cuda": False, "error": None}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def _try_compiled() -> bool:
 
 
 def _try_jit() -> bool:
-    csrc = os.path.join(_ROOT, "csrc")
+    csrc = _build.csrc_dir(_ROOT)
     if os.environ.get("FASTVAT_JIT") != "1":
         _STATE["error"] = (f"{_STATE['error']}; build it with `pip install --no-build-isolation -e .` "
                            "from a clone, or set FASTVAT_JIT=1 to compile it at import")
@@ -48,18 +49,14 @@ def _try_jit() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        sources = [os.path.join(csrc, "fastvat.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
         with_cuda = bool(torch.version.cuda) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-        if with_cuda:
-            sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
-        flags = ["-O3", "-fopenmp"]
         cpp_extension.load(
             name="fastvat_jit_cuda" if with_cuda else "fastvat_jit",
-            sources=sources,
+            sources=_build.sources(_ROOT, with_cuda),
             extra_include_paths=[csrc],
-            extra_cflags=flags + (["-DFASTVAT_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=["-O3"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=_build.cxx_flags(with_cuda),
+            extra_cuda_cflags=_build.NVCC_FLAGS,
+            extra_ldflags=_build.LINK_FLAGS,
             is_python_module=False,
             verbose=False,
         )
