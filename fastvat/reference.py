@@ -175,3 +175,18 @@ def embedding_gather_add(weight, ids, delta, delta_index, padding_idx=-1):
     """weight[ids] + delta[delta_index]: the out-of-place weight-target perturbation."""
     pad = None if padding_idx is None or padding_idx < 0 else padding_idx
     return F.embedding(ids, weight, padding_idx=pad) + delta[delta_index]
+
+
+def linear_kl_div(h_p, h_q, weight, bias=None, mask=None, reduction="batchmean"):
+    """kl_div_with_logits(h_p W^T + b, h_q W^T + b), the logits materialised; mask over h's leading dims.
+
+    Masked rows are computed on zero hidden states, so that garbage there (NaN, inf) reaches neither
+    the loss nor any gradient (a NaN row times a zero gradient would still poison weight's gradient).
+    """
+    if mask is not None:
+        keep = _mask_like(mask, h_q, h_q.dtype) != 0
+        h_p = torch.where(keep, h_p, torch.zeros_like(h_p))
+        h_q = torch.where(keep, h_q, torch.zeros_like(h_q))
+    p_logits = F.linear(h_p.detach(), weight, bias)
+    q_logits = F.linear(h_q, weight, bias)
+    return kl_div_with_logits(p_logits, q_logits, mask, reduction)

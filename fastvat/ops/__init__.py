@@ -8,8 +8,9 @@ and the same results. The ops know nothing of VAT.
 from fastvat.ops._backend import BACKEND
 from fastvat.ops.embedding import embedding_gather_add
 from fastvat.ops.kl import REDUCTIONS, kl_div_with_logits
+from fastvat.ops.linear_kl import linear_kl_div
 from fastvat.ops.norm import NORMS, l2_normalize
 from fastvat.ops.perturbation import perturb_, restore_
 
 __all__ = ["BACKEND", "NORMS", "REDUCTIONS", "l2_normalize", "perturb_", "restore_", "kl_div_with_logits",
-           "embedding_gather_add"]
+           "embedding_gather_add", "linear_kl_div"]
