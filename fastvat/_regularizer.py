@@ -7,7 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
-from fastvat import _checks, _nonfinite
+from fastvat import _checks, _nonfinite, ops
+from fastvat._lm_head import HeadCapture, trained_positions
 from fastvat._model_io import StateGuard, class_last, extract_logits, resolve_embedding, strip_labels
 from fastvat._targets import InputTarget, OutputTarget, WeightTarget
 
@@ -18,7 +19,7 @@ class Regularizer:
     """Base class: ``model`` plus where the perturbation goes (``embedding``/``target``/``norm``)."""
 
     def __init__(self, model, embedding=None, *, norm=None, target=None, generator=None, drop_labels=True,
-                 nonfinite="raise", class_dim=None):
+                 nonfinite="raise", class_dim=None, head=None):
         # what a NaN/Inf does in a call, for every regularizer (fastvat/_nonfinite.py)
         self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         # the logits' class dim; None: the last, refused for logits of 4+ dims (see _model_io.class_last)
@@ -55,8 +56,20 @@ class Regularizer:
             self._target = OutputTarget(module, norm, generator)
         else:
             self._target = WeightTarget(module, norm, generator)
+        # a language model's vocabulary head: its input is taken instead of [..., V] logits (_lm_head.py)
+        self._head = None
+        if head is not None:
+            if class_dim not in (None, -1):
+                raise ValueError("class_dim does not apply with head=: the head's output dim holds the vocabulary")
+            self._head = HeadCapture(model, head)
+        self._labels = None  # the call's labels, which mark the trained positions of a language model
         self._busy = False
         self._given_logits = None  # the caller's logits= during a call, checked against the model's
+
+    @property
+    def head(self):
+        """The language-model head passed as ``head=`` (its input is taken instead of logits), or None."""
+        return None if self._head is None else self._head.module
 
     # -- plumbing ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -67,6 +80,7 @@ class Regularizer:
                 f"{type(self).__name__} was called again while one of its calls is running "
                 "(e.g. from inside the model's forward); use a second instance for nested use"
             )
+        self._labels = kwargs.get("labels") if self._head is not None else None
         if self.drop_labels:
             kwargs = strip_labels(kwargs)
         t = self._target
@@ -81,18 +95,26 @@ class Regularizer:
             t.end_call()
             self._busy = False
             self._given_logits = None
+            self._labels = None
 
     def _run(self, args, kwargs):
         """One pass of the model with the target's current spec in place; returns what the model returns."""
         t = self._target
-        with t.installed():
+        with t.installed(), self._capturing():
             out = self.model(*t.apply_to_args(args), **kwargs)
         t.check_reached()
         return out
 
+    def _capturing(self):
+        return self._head.capturing() if self._head is not None else contextlib.nullcontext()
+
     def _forward(self, args, kwargs):
-        """One pass of the model with the target's current spec in place; returns the logits."""
-        q = extract_logits(self._run(args, kwargs))
+        """One pass of the model with the target's current spec in place; returns the logits (with
+        ``head=``: the head's input, the final hidden states)."""
+        out = self._run(args, kwargs)
+        if self._head is not None:
+            return self._head.take()
+        q = extract_logits(out)
         given = self._given_logits
         if given is not None:
             if given.device != q.device:
@@ -104,7 +126,17 @@ class Regularizer:
         return q
 
     def _clean_logits(self, args, kwargs, logits):
-        """The unperturbed logits (the caller's, or one pass of the model), class dim last."""
+        """The unperturbed logits (the caller's, or one pass of the model), class dim last; with
+        ``head=``, the unperturbed hidden states."""
+        if self._head is not None:
+            if logits is not None:
+                raise ValueError(
+                    "logits= cannot be used with head=: the clean pass must give the head's input (the final "
+                    "hidden states), which logits do not carry"
+                )
+            with torch.no_grad(), self._target.clean_pass(), self._head.capturing():
+                self.model(*args, **kwargs)
+            return self._head.take().detach()
         if logits is not None:
             if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
                 what = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -116,7 +148,27 @@ class Regularizer:
 
     def _class_last(self, logits):
         """The model's logits laid out as the KL and the row mask take them: classes in the last dim."""
+        if self._head is not None:
+            return logits  # hidden states: the head's input dim is last already
         return class_last(logits, self.class_dim)
 
     def _row_mask(self, logits):
-        return self._target.row_mask_for(logits)
+        mask = self._target.row_mask_for(logits)
+        if self._head is None:
+            return mask
+        trained = trained_positions(self._labels, tuple(logits.shape[:-1]))
+        if trained is None:
+            return mask
+        return trained if mask is None else trained & (mask != 0)
+
+    def _divergence(self, p, q, reduction, *, train_head=True):
+        """KL(p || q) over the class dim with the row mask: of logits, or (with ``head=``) of the head's
+        outputs on the hidden states p and q, never materialised. ``train_head=False`` (a power step):
+        no gradient for the head's parameters."""
+        mask = self._row_mask(q)
+        if self._head is None:
+            return ops.kl_div_with_logits(p, q, mask=mask, reduction=reduction)
+        w, b = self._head.weight, self._head.bias
+        if not train_head:
+            w, b = w.detach(), (None if b is None else b.detach())
+        return ops.linear_kl_div(p, q, w, b, mask=mask, reduction=reduction)

@@ -1,7 +1,8 @@
 """Random-noise regularisation, the article's starting point (and VAT with iters=0)."""
 from __future__ import annotations
 
-from fastvat import _checks, _nonfinite, ops
+from fastvat import _checks, _nonfinite
+from fastvat._lm_head import reverse_kl
 from fastvat._regularizer import Regularizer
 
 
@@ -20,13 +21,22 @@ class RandomNoise(Regularizer):
     appeared (clean logits, or which noisy pass); ``"zero"`` a zero loss for that call, with a warning
     (the noise itself is always finite, so there is no direction to zero); ``"ignore"`` skips the check.
     ``class_dim`` (as VAT's): the logits' class dim for the KL; ``loss_fn`` gets the logits as the model
-    returns them.
+    returns them. ``symmetric=True``: ``KL(p || q) + KL(q || p)``, R3F's consistency term (Aghajanyan et
+    al. 2020; R3F draws ``sigma`` noise, ``k=1``). ``head`` (as VAT's): a language model's vocabulary head,
+    whose logits are never built.
     """
 
     def __init__(self, model, embedding=None, *, eps=1.0, sigma=None, k=1, loss_fn=None, norm=None, target=None,
-                 generator=None, drop_labels=True, nonfinite="raise", class_dim=None):
+                 generator=None, drop_labels=True, nonfinite="raise", class_dim=None, head=None, symmetric=False):
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
-                         nonfinite=nonfinite, class_dim=class_dim)
+                         nonfinite=nonfinite, class_dim=class_dim, head=head)
+        if head is not None and loss_fn is not None:
+            raise ValueError("head= serves the consistency term (no loss_fn): loss_fn would need the logits")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be True or False, got {type(symmetric).__name__}")
+        if symmetric and loss_fn is not None:
+            raise ValueError("symmetric=True is a symmetric KL consistency term; it does not combine with loss_fn")
+        self.symmetric = symmetric
         if sigma is not None:
             self.sigma = _checks.finite_number("sigma", sigma, positive=True)
             self.eps = None
@@ -60,7 +70,9 @@ class RandomNoise(Regularizer):
                 q = self._forward(args, kwargs)
                 if self.loss_fn is None:
                     q = self._class_last(q)
-                    term = ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+                    term = self._divergence(p, q, "batchmean")
+                    if self.symmetric:
+                        term = term + reverse_kl(p, q, self._row_mask(q), "batchmean", head=self.head)
                 else:
                     term = self.loss_fn(q, y)
                 if check:

@@ -52,9 +52,15 @@ class VAT(Regularizer):
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
                  generator=None, drop_labels=True, nonfinite="raise", hvp="auto", class_dim=None,
-                 warm_start=False, warm_start_dtype=None):
+                 warm_start=False, warm_start_dtype=None, head=None):
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
-                         nonfinite=nonfinite, class_dim=class_dim)
+                         nonfinite=nonfinite, class_dim=class_dim, head=head)
+        if head is not None and hvp == "exact":
+            raise ValueError(
+                "hvp='exact' cannot be used with head=: the exact step needs the logits' tangents, which the "
+                "fused head never forms; use hvp='finite_difference' (or 'auto') with a xi that is large next to "
+                "rounding in the model's dtype"
+            )
         if not isinstance(warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {type(warm_start).__name__}")
         self.warm_start = warm_start
@@ -157,8 +163,8 @@ class VAT(Regularizer):
         """Power iteration: d <- grad_d D(p, f(x + xi d/|d|)); returns d (None when iters == 0)."""
         t = self._target
         d = None
-        exact = self.iters > 0 and _hvp.use_exact(self.hvp, self.exact_unavailable, self.model,
-                                                   t.perturbed_like(args))
+        exact = self.iters > 0 and self._head is None and _hvp.use_exact(
+            self.hvp, self.exact_unavailable, self.model, t.perturbed_like(args))
         for _ in range(self.iters):
             if exact:
                 try:
@@ -174,7 +180,7 @@ class VAT(Regularizer):
                 t.direction(d, self.xi, requires_grad=True)
             with torch.enable_grad():
                 q = self._class_last(self._forward(args, kwargs))
-                div = ops.kl_div_with_logits(p_logits, q, mask=self._row_mask(q), reduction="sum")
+                div = self._divergence(p_logits, q, "sum", train_head=False)
                 r = t.current
                 d = torch.autograd.grad(div, r, allow_unused=True)[0] if div.requires_grad else None
                 if d is None:  # D does not depend on r (a model that ignores it): zero direction, zero r
@@ -204,7 +210,7 @@ class VAT(Regularizer):
             self._keep_gradient()
             if q.shape != p.shape:
                 raise ValueError(f"logits has shape {tuple(p.shape)} but the model returned {tuple(q.shape)}")
-            loss = ops.kl_div_with_logits(p, q, mask=self._row_mask(q), reduction="batchmean")
+            loss = self._divergence(p, q, "batchmean")
             return self._finite_loss(loss, p, d, logits is not None)
 
     def perturbation(self, *args, logits=None, index=None, **kwargs):

@@ -165,7 +165,10 @@ class VATMixin:
         total, count = None, 0
         if self.vat_on_labeled:
             n = _batch_size(inputs)
-            term = vat(**inputs, logits=logits) * n  # labels are stripped by fastvat (drop_labels=True)
+            if vat.head is not None:
+                logits = None  # a fused head takes the hidden states from its own clean pass
+            # labels are stripped by fastvat (drop_labels=True); with head= they mark the trained positions
+            term = vat(**inputs, logits=logits) * n
             total, count = term, n
         if self.unlabeled_dataset is not None:
             batch = self._next_unlabeled()
