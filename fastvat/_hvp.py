@@ -25,7 +25,6 @@ Used by ``fastvat.VAT(hvp=...)``:
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -33,7 +32,7 @@ import torch.autograd.forward_ad as fwAD
 
 from fastvat import _fsdp
 from fastvat import reference as ref
-from fastvat._model_io import _cuda_rng_states, extract_logits
+from fastvat._model_io import _cuda_rng_states, extract_logits, math_attention
 
 MODES = ("auto", "finite_difference", "exact")
 _HALF = (torch.float16, torch.bfloat16)
@@ -89,18 +88,6 @@ def use_exact(mode, unavailable, model, like) -> bool:
     return compute_dtype(model, like) in _HALF
 
 
-@contextlib.contextmanager
-def _math_attention():
-    """The fused attention kernels have no forward-mode AD; the math one is plain matmuls and softmax."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
-
-
 def _dual(unit, box):
     """A zero perturbation that carries ``unit`` as its tangent and is a leaf for the vjp."""
     n = unit.numel()
@@ -139,7 +126,7 @@ def _primal_pass(model, target, args, kwargs, class_last, rng):
         box["z0"] = torch.zeros_like(unit, requires_grad=True)
         return box["z0"]
 
-    with torch.enable_grad(), _math_attention():
+    with torch.enable_grad(), math_attention():
         with target.linearised(args, zero_leaf) as call_args:
             out = model(*call_args, **kwargs)
         return class_last(extract_logits(out)), box["z0"]
@@ -171,7 +158,7 @@ def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
         return _dual(unit, box)
 
     try:
-        with (torch.no_grad() if split else torch.enable_grad()), _math_attention(), fwAD.dual_level():
+        with (torch.no_grad() if split else torch.enable_grad()), math_attention(), fwAD.dual_level():
             with target.linearised(args, make_dual) as call_args:
                 out = model(*call_args, **kwargs)
             primal, tangent = fwAD.unpack_dual(class_last(extract_logits(out)))

@@ -56,6 +56,20 @@ def class_last(logits, class_dim, *, what="the model's logits"):
     return logits if class_dim % n == n - 1 else logits.movedim(class_dim, -1)
 
 
+@contextlib.contextmanager
+def math_attention():
+    """PyTorch's math attention for the passes that differentiate twice (the gradient penalty) or
+    forward-mode (the exact power step): the fused attention kernels have neither derivative; the math
+    one is plain matmuls and softmax, the same function."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def strip_labels(kwargs):
     return {k: v for k, v in kwargs.items() if k not in LABEL_KWARGS}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastvat import _checks, _fsdp, _nonfinite
+from fastvat._model_io import math_attention
 from fastvat._regularizer import Regularizer
 
 FORMS = ("kl", "mse")
@@ -66,7 +67,7 @@ class GradientPenalty(Regularizer):
         with self._call(args, kwargs) as (args, kwargs):
             t = self._target
             t.zeros(requires_grad=True)
-            with torch.enable_grad():
+            with torch.enable_grad(), math_attention():
                 f = self._class_last(self._forward(args, kwargs))
                 r = t.current
                 out = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
@@ -81,7 +82,9 @@ class GradientPenalty(Regularizer):
                 else:
                     total = 0.0
                     for _ in range(self.samples):
-                        u = torch.randint(0, 2, out.shape, generator=self.generator, device="cpu").to(out.device)
+                        # drawn where the generator lives (the model's device, as VAT's, or the CPU)
+                        where = out.device if self.generator is None else self.generator.device
+                        u = torch.randint(0, 2, out.shape, generator=self.generator, device=where).to(out.device)
                         u = u.to(out.dtype) * 2 - 1
                         g = _grad_or_zero((u * out).sum(), r)
                         total = total + self._per_example_sqnorm(g)

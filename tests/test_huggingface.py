@@ -255,3 +255,25 @@ def test_minilm_checkpoint_single_vat_call(monkeypatch):
     assert torch.isfinite(loss) and float(loss.detach()) > 0
     (out.loss + loss).backward()
     assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_gradient_penalty_through_fused_attention_equals_math_attention():
+    """The penalty differentiates twice, which the fused SDPA kernels cannot: it runs attention on the
+    math backend itself, so a BERT with its default attention works and gives the math backend's value."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _bert(dropout=0.0)
+    model.eval()
+    ids = torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(3, 7, dtype=torch.long)
+    emb = model.get_input_embeddings()
+    values = []
+    for backend in (None, SDPBackend.MATH):
+        gp = fastvat.GradientPenalty(model, embedding=emb, generator=torch.Generator().manual_seed(1))
+        if backend is None:
+            values.append(gp(ids, attention_mask=am))
+        else:
+            with sdpa_kernel([backend]):
+                values.append(gp(ids, attention_mask=am))
+    assert values[0].item() > 0
+    torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=0)
