@@ -27,7 +27,7 @@ import timing
 from report import check, row
 from timing import paired_ratio as ratio
 
-# "full" on the CPU is the issues' shapes (the bars are stated for them).
+# "full" on the CPU is the shapes the bars are stated for.
 SIZES = {
     "cpu": {
         "smoke": {"perturb": (4096, 128), "l2": (4, 32, 64), "kl": (64, 2000), "gather": ((2000, 64), (4, 32))},
@@ -48,7 +48,7 @@ SIZES = {
 SIZES["cuda"]["full"] = SIZES["cuda"]["default"]
 CASES = ("perturb", "l2", "kl", "kl_long", "gather", "gather_fwd")
 
-# Bars from the issues (CPU, float32, at the "full" shapes).
+# The bars each fused op must meet (CPU, float32, at the "full" shapes).
 BARS = {
     "perturb_": {"speedup": 2.5, "pct_copy": 80.0},
     "l2_normalize sample masked": {"speedup": 1.3},
@@ -161,7 +161,7 @@ def _compare(ctx, *, case, shape, dtype, baseline_name, baseline, fastvat_fn, co
     if "compiled" in st:
         r["compiled_ms"] = st["compiled"].ms
         r["speedup_vs_compiled"] = ratio(st["compiled"], st["fastvat"])
-    if bar and ctx.mode != "smoke":  # the bars are stated for the issues' shapes
+    if bar and ctx.mode != "smoke":  # the bars are stated for the full shapes
         r["bar"] = bar
     return [r] + [variant_row(name, f"{case} [{name}]") for name in extras or {}], compiled
 
@@ -418,7 +418,7 @@ def plan_size(ctx, cases=CASES):
 
 
 def summary_checks(rows):
-    """The issues' bars, as 'check' rows (for the rows that carry one)."""
+    """The bars, as 'check' rows (for the rows that carry one)."""
     return [check(f"{r['case']} {r['dtype']} speedup", r["speedup"], r["bar"], r.get("bar_met"), r.get("note"),
                   busy=r.get("busy"))
             for r in rows if r.get("bar") and r["suite"] == "ops"]

@@ -6,11 +6,11 @@ and bench_<device>.json / .csv / .png in --out.
 Modes (sizes and repeats):
   --smoke   tiny shapes and models, one round, no torch.compile (seconds; for tests);
   --quick   the default shapes with fewer rounds, no sweep;
-  default   op shapes of the issues except kl_div ([1024, 30522] instead of [4096, 30522]),
+  default   the full op shapes except kl_div ([1024, 30522] instead of [4096, 30522]),
             bfloat16 for perturb_ and l2_normalize only on the CPU, torch.compile baselines for
             float32 ops, BERT step, weight target at 30k and 250k, one sweep point; under 3 minutes
             on 2 CPU threads;
-  --full    the issues' shapes, more rounds, torch.compile everywhere (the step too), the MiniLM-L6
+  --full    the shapes the bars are stated for, more rounds, torch.compile everywhere (the step too), the MiniLM-L6
             model when installed, the full sweep (tens of minutes on 2 CPU threads).
 On a GPU (--device cuda) the op shapes are ≥ 64 M elements.
 
@@ -36,7 +36,7 @@ def _parser():
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (for tests)")
     size.add_argument("--quick", action="store_true", help="fewer rounds, no sweep")
-    size.add_argument("--full", action="store_true", help="the issues' shapes, torch.compile of the step, "
+    size.add_argument("--full", action="store_true", help="the bars' shapes, torch.compile of the step, "
                                                            "MiniLM and the full sweep (long)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default="bench_out", help="folder for bench_<device>.json/.csv/.png")

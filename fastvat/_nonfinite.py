@@ -1,4 +1,4 @@
-"""What a NaN/Inf does in a call (``nonfinite=`` of every regularizer; docs/reliability.md §3).
+"""What a NaN/Inf does in a call (``nonfinite=`` of every regularizer; docs/reliability.md, "NaN and Inf").
 
 "raise" (default): a FloatingPointError naming where the value first appeared, after one host check
 per call (a device sync on a GPU); the call then unwinds and restores the model like any error.

@@ -1,6 +1,6 @@
 """Where a perturbation r lives and how it enters the model's forward pass.
 
-Three targets (DESIGN §1):
+Three targets:
   InputTarget   — added to the first positional argument of the model call;
   OutputTarget  — added to an nn.Embedding's output by a forward hook;
   WeightTarget  — added to the rows of an nn.Embedding's weight that the batch uses, out of

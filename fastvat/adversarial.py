@@ -8,7 +8,7 @@ from fastvat import reference as ref
 from fastvat._regularizer import Regularizer
 
 
-# Where a NaN/Inf appeared, as nonfinite="raise" names it (fastvat/_nonfinite.py, docs/reliability.md §3).
+# Where a NaN/Inf appeared, as nonfinite="raise" names it (fastvat/_nonfinite.py).
 LOSS_AT_X = "the loss at x (the unperturbed input)"
 ADVERSARIAL = "the adversarial pass (the loss at x + r_adv)"
 

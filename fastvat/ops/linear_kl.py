@@ -176,9 +176,9 @@ def _sweep(h_p, h_q, weight, bias, mask, chunk, grad_rows, need_h_q, need_weight
     q_buf = torch.empty(c, vocab, dtype=dt, device=dev)
     # A 16-bit weight gradient is summed over chunks in float32. On a GPU each chunk's product runs in
     # dt (tensor cores) and is added to the float32 sum by one fused elementwise kernel. On the CPU that
-    # mixed-dtype add goes through a slow conversion path (measured at V = 128,256, H = 256: 200 ms for
-    # the add against 44 ms for the bf16 product and 135 ms for the whole float32 product), so the chunk's
-    # operands are widened to float32 instead and the product accumulates in place.
+    # mixed-dtype add goes through a slow conversion path, several times the cost of the product itself
+    # (benchmarks/RESULTS.md), so the chunk's operands are widened to float32 instead and the product
+    # accumulates in place.
     widen = need_weight and dt != acc and _widen_weight_grad(dev)
     w_part = torch.empty(vocab, hidden, dtype=dt, device=dev) if need_weight and dt != acc and not widen else None
     dq_wide = torch.empty(c, vocab, dtype=acc, device=dev) if widen else None
