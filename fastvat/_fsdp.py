@@ -75,6 +75,15 @@ def compute_device_types(model: nn.Module):
     return found
 
 
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a DTensor: under FSDP2, a parameter outside its unit's forward and backward."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
 def refuse(model: nn.Module, what: str, why: str):
     """Raise a ``NotImplementedError`` for a regularizer that cannot run on an FSDP-sharded model."""
     if is_sharded(model):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastvat import _fsdp
 from fastvat import reference as ref
 from fastvat.ops.linear_kl import default_chunk_size
 
@@ -80,6 +81,16 @@ class HeadCapture:
             )
         if not h.is_floating_point():
             raise TypeError(f"the head's input must be floating-point hidden states, got {h.dtype}")
+        # The divergence multiplies by the head's weight after the model's forward has returned. A head that
+        # FSDP2 shards as a unit of its own is resharded right after its forward, and its gradient would then
+        # reach no unsharded parameter for FSDP to reduce; the root unit keeps its parameters whole until
+        # backward, and so does a unit with reshard_after_forward=False.
+        if any(_fsdp.is_dtensor(t) for t in (self.module.weight, self.module.bias) if t is not None):
+            raise NotImplementedError(
+                "head= needs the head's parameters whole after the model's forward, but FSDP has resharded them: "
+                "the head is a fully_shard unit of its own with reshard_after_forward=True. Leave the head in the "
+                "root unit (shard only the decoder layers), or fully_shard it with reshard_after_forward=False"
+            )
         return h
 
 

@@ -123,6 +123,60 @@ def _bert_batch(rank):
         y[half]
 
 
+VOCAB_LM = 500
+
+
+def _tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB_LM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
+    return LlamaForCausalLM(cfg).train()
+
+
+def _lm_units(model):
+    """The decoder layers (the usual wrapping): the embedding, final norm and head stay in the root."""
+    return list(model.model.layers)
+
+
+def _lm_units_head_alone(model):
+    """The head as a unit of its own: its weight is a shard again once its forward has run."""
+    return [*model.model.layers, model.lm_head]
+
+
+def _lm_batch(rank):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB_LM, (4, 10), generator=g)
+    am = torch.ones(4, 10, dtype=torch.long)
+    am[1, 7:] = 0
+    am[2, 4:] = 0
+    ids[am == 0] = PAD
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt
+    labels[am == 0] = -100
+    half = slice(rank * 2, (rank + 1) * 2)
+    return (), {"input_ids": ids[half], "attention_mask": am[half], "labels": labels[half]}, labels[half]
+
+
+def _lm_loss(out, y):
+    return out.loss
+
+
+def _lm_head(make):
+    """A regularizer on the LM's input embeddings that takes the head's input (head=), never its logits."""
+    def build(model, rank, sharded):
+        return make(model, embedding=model.get_input_embeddings(), head=model.get_output_embeddings(),
+                    generator=_gen(rank))
+    return build
+
+
+def lm_case(name, regularizer, *, units=_lm_units, **kw):
+    # labels travel in kwargs (the trained positions); logits= does not combine with head=
+    return ShardCase(name, _tiny_lm, units, _lm_batch, _lm_head(regularizer), call=_call_without_logits,
+                     supervised=_lm_loss, **kw)
+
+
 def _gen(rank, base=100):
     return torch.Generator().manual_seed(base + rank)
 
@@ -244,6 +298,14 @@ CASES = [
     bert_case("output-bf16", _mixed_vat(target="output"), policy=_bf16, bf16=True, probe=_mixed_vat(target="output")),
     bert_case("weight-bf16-embedding-unit", _mixed_vat(target="weight"), policy=_bf16, bf16=True,
               units=_bert_units_embedding_alone, probe=_mixed_vat(target="weight")),
+    # a causal LM's head taken as a fused linear + KL (head=): the logits are never built
+    lm_case("causal-lm-head", lambda m, **kw: fastvat.VAT(m, **kw)),
+    # a head sharded as a unit of its own: whole after the forward only when not resharded after it
+    lm_case("causal-lm-head-alone-no-reshard", lambda m, **kw: fastvat.VAT(m, **kw), units=_lm_units_head_alone,
+            policy=lambda: {"reshard_after_forward": False}, reference="causal-lm-head"),
+    lm_case("causal-lm-head-alone-resharded-refused", lambda m, **kw: fastvat.VAT(m, **kw),
+            units=_lm_units_head_alone, raises=("NotImplementedError", "FSDP has resharded them")),
+    lm_case("causal-lm-head-r3f", lambda m, **kw: fastvat.RandomNoise(m, eps=0.5, symmetric=True, **kw)),
     # the other regularizers
     mlp_case("random-noise", lambda m, r, s: fastvat.RandomNoise(m, eps=0.5, generator=_gen(r)),
              call=_call_without_logits),
