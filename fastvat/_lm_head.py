@@ -35,6 +35,14 @@ class HeadCapture:
             )
         if not any(m is head for m in model.modules()):
             raise ValueError("head must be a submodule of model (the model's own output projection)")
+        cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        if cap:
+            # the model reshapes the head's output (cap * tanh(logits / cap)); the fused KL of the raw
+            # head outputs would be another divergence
+            raise ValueError(
+                f"head= cannot be used with a model that soft-caps its logits (config.final_logit_softcapping={cap}); "
+                "call the regularizer without head= (the logits are then built)"
+            )
         self.module = head
         self.hidden = None
 

@@ -186,6 +186,9 @@ def test_head_errors_name_the_argument():
         fastvat.VAT(model, embedding=emb, head=head)(ids, attention_mask=am, logits=torch.zeros(3, 12, 500))
     with pytest.raises(ValueError, match="loss_fn"):
         fastvat.RandomNoise(model, embedding=emb, head=head, loss_fn=F.cross_entropy)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-caps"):
+        fastvat.VAT(model, embedding=emb, head=head)
     assert "forward" not in head.__dict__  # nothing left patched after the errors
 
 
