@@ -43,7 +43,7 @@ class NaiveVAT:
         self.xi, self.eps, self.iters = xi, eps, iters
         self.embedding = embedding
         self.r = None
-        self.shape = None
+        self.shape = self.dtype = None
         self.handle = embedding.register_forward_hook(self._hook) if embedding is not None else None
 
     def close(self):
@@ -53,7 +53,7 @@ class NaiveVAT:
             self.handle = None
 
     def _hook(self, module, inputs, output):
-        self.shape = output.shape
+        self.shape, self.dtype = output.shape, output.dtype
         if self.r is None:
             return None
         return output + self.r
@@ -74,7 +74,8 @@ class NaiveVAT:
             p = self._logits(args, kwargs, None)
         shape = args[0].shape if self.embedding is None else self.shape
         like = args[0] if self.embedding is None else p
-        d = torch.randn(shape, device=like.device)
+        # in the embedding output's dtype: a float32 r would promote a bf16 model's hidden states
+        d = torch.randn(shape, device=like.device, dtype=None if self.embedding is None else self.dtype)
         for _ in range(self.iters):
             d = (self.xi * normalize_per_sample(d)).requires_grad_()
             q = self._logits(args, kwargs, d)

@@ -11,7 +11,12 @@ Modes (sizes and repeats):
             float32 ops, BERT step, weight target at 30k and 250k, one sweep point; under 3 minutes
             on 2 CPU threads;
   --full    the shapes the bars are stated for, more rounds, torch.compile everywhere (the step too), the MiniLM-L6
-            model when installed, the full sweep (tens of minutes on 2 CPU threads).
+            model when installed, the full sweep, and the causal-LM suite (tens of minutes on 2 CPU
+            threads).
+Suites (--only): ops, step, and lm: a Llama-style causal LM with Llama 3's vocabulary, fastvat's
+fused head (head=) against the naive VAT that builds the logits: step time, peak memory of a step,
+largest batch under a memory cap (lm_bench.py; run by --full, or alone with --only lm: 27 minutes
+for float32 and bfloat16 on 2 CPU threads of a busy machine; with --smoke a tiny model).
 On a GPU (--device cuda) the op shapes are ≥ 64 M elements.
 
 A row timed while other processes took CPU is marked busy, its bar verdict is withheld, and the
@@ -20,11 +25,13 @@ table and JSON say BUSY MACHINE (see timing.LoadWatch).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
+import lm_bench
 import op_bench
 import report
 import step_bench
@@ -40,9 +47,9 @@ def _parser():
                                                            "MiniLM and the full sweep (long)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default="bench_out", help="folder for bench_<device>.json/.csv/.png")
-    ap.add_argument("--only", choices=["ops", "step"], help="run one suite")
+    ap.add_argument("--only", choices=["ops", "step", "lm"], help="run one suite (lm: only with --only or --full)")
     ap.add_argument("--cases", help=f"op cases, comma-separated (default: all of {','.join(op_bench.CASES)})")
-    ap.add_argument("--dtypes", help="op dtypes, comma-separated (default: float32,bfloat16; smoke: float32)")
+    ap.add_argument("--dtypes", help="op and lm dtypes, comma-separated (default: float32,bfloat16; smoke: float32)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--budget", type=float, help="seconds after which no more torch.compile is tried")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,7 +84,7 @@ def run(*, device="cpu", mode="default", out="bench_out", compile=None, progress
     if compile is None:
         compile = mode in ("default", "full")
     dtypes = dtypes or (("float32", "bfloat16") if mode != "smoke" else ("float32",))
-    suites = set(only or ("ops", "step"))
+    suites = set(only or (("ops", "step", "lm") if mode == "full" else ("ops", "step")))
     cases = tuple(cases or op_bench.CASES)
     threads = torch.get_num_threads()
     if mode == "smoke":
@@ -96,15 +103,20 @@ def run(*, device="cpu", mode="default", out="bench_out", compile=None, progress
                           minilm=(mode == "full"))
     if quick:
         sctx.cfg["sweep"] = {}
+    lctx = lm_bench.Ctx(device, mode, dtypes=dtypes, progress=tick)
     if bar is not None:
         bar.total = max((op_bench.plan_size(octx, cases) if "ops" in suites else 0)
-                        + (step_bench.plan_size(sctx) if "step" in suites else 0), 1)
+                        + (step_bench.plan_size(sctx) if "step" in suites else 0)
+                        + (lm_bench.plan_size(lctx) if "lm" in suites else 0), 1)
         bar.refresh()
 
     stem = f"bench_{torch.device(device).type}"
     title = f"fastvat vs baselines ({mode} mode, {torch.device(device).type})"
     config = {"device": str(device), "mode": mode, "compile": compile, "suites": sorted(suites),
-              "cases": list(cases), "dtypes": list(dtypes), "budget_s": budget}
+              "cases": list(cases), "dtypes": list(dtypes), "budget_s": budget,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    if "lm" in suites:
+        config["lm"] = dict(lctx.cfg, rounds=lctx.rounds, min_reps=lctx.min_reps, bars=lm_bench.BARS)
     load_start = timing.loadavg()
 
     def machine(elapsed=None):
@@ -127,6 +139,10 @@ def run(*, device="cpu", mode="default", out="bench_out", compile=None, progress
             srows, schecks = step_bench.run(sctx, sweep=bool(sctx.cfg["sweep"]))
             rows += srows
             checks += schecks
+        if "lm" in suites:
+            lrows, lchecks = lm_bench.run(lctx)
+            rows += lrows
+            checks += lchecks
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
