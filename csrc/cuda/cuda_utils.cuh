@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cfloat>
 #include <cstdint>
 #include <limits>
 #include <mutex>
@@ -205,12 +206,172 @@ __device__ __forceinline__ float fast_exp<float>(float x) {
   return ::expf(x);
 }
 
-// scale / sqrt(ss), or 0 when ss is 0 (a zero group gives zeros, never NaN). Computed in double and
-// rounded once to A, as the CPU kernels do: float(scale) / sqrtf(ss) rounds three times and can miss
-// an exactly representable factor by an ulp (tests check 16-bit rounding ties bit for bit).
+// ---------------------------------------------------------------------------------------------
+// L2 norm factors that hold over the whole range of the input type.
+//
+// The kernels sum squares in A (acc_t) first, as they always did. That sum is trusted when it is
+// finite and at least count * min<A> * 2^digits: squares that underflowed (each below min<A>) then
+// change it by less than A's rounding. A group whose sum is not trusted (tiny or huge values, an
+// all-zero group, NaN/Inf) is summed again by the Robust accumulator below, whose squares cannot
+// under- or overflow. Either way the group's norm ends up as 2^k * sqrt(ss) with ss a moderate double.
+// ---------------------------------------------------------------------------------------------
 template <typename A>
-__device__ __forceinline__ A norm_factor(A ss, double scale) {
-  return ss > A(0) ? static_cast<A>(scale / ::sqrt(static_cast<double>(ss))) : A(0);
+__host__ __device__ __forceinline__ bool sumsq_trusted(A ss, int64_t count) {
+  // min * 2^digits (epsilon is 2^(1 - digits))
+  constexpr double floor_per_element =
+      2.0 * static_cast<double>(std::numeric_limits<A>::min() / std::numeric_limits<A>::epsilon());
+  return ss <= std::numeric_limits<A>::max() &&
+         static_cast<double>(ss) >= static_cast<double>(count) * floor_per_element;
+}
+
+// Robust<A>: K double partial sums of squares, added component-wise across threads and blocks.
+// float inputs: the square of any float is a normal double, so one plain double sum (K = 1).
+// double inputs: Blue's three accumulators (as LAPACK's dnrm2): values above 2^486 are squared
+// after scaling by 2^-538, values below 2^-511 after scaling by 2^537, the rest as they are; a value
+// is routed by its own magnitude, so the sums are independent of order and merge by addition.
+// NaN lands in the middle sum and +-Inf in the big one, which keeps a non-finite group non-finite.
+template <typename A>
+struct Robust;
+
+template <>
+struct Robust<float> {
+  static constexpr int K = 1;
+  __device__ __forceinline__ static void add(double (&s)[K], float v) {
+    const double d = static_cast<double>(v);
+    s[0] += d * d;
+  }
+  // A block's trusted float partial, as a robust partial.
+  __device__ __forceinline__ static void from_sum(double (&s)[K], float ss) { s[0] = static_cast<double>(ss); }
+  // norm = 2^k * sqrt(ss)
+  __device__ __forceinline__ static void norm(const double (&s)[K], int& k, double& ss) {
+    k = 0;
+    ss = s[0];
+  }
+};
+
+template <>
+struct Robust<double> {
+  static constexpr int K = 3;  // [0] small values (scaled by 2^537), [1] middle, [2] big (scaled by 2^-538)
+  static constexpr double kSmall = 0x1p-511, kBig = 0x1p486, kUp = 0x1p537, kDown = 0x1p-538;
+  __device__ __forceinline__ static void add(double (&s)[K], double v) {
+    const double a = ::fabs(v);
+    if (a > kBig) {
+      const double t = v * kDown;
+      s[2] += t * t;
+    } else if (a < kSmall) {
+      const double t = v * kUp;
+      s[0] += t * t;
+    } else {
+      s[1] += v * v;
+    }
+  }
+  __device__ __forceinline__ static void from_sum(double (&s)[K], double ss) {
+    s[0] = 0.0;
+    s[1] = 0.0;
+    s[2] = 0.0;
+    if (ss > kBig * kBig) {
+      s[2] = ss * kDown * kDown;
+    } else {
+      s[1] = ss;
+    }
+  }
+  __device__ __forceinline__ static void norm(const double (&s)[K], int& k, double& ss) {
+    if (!(s[1] <= DBL_MAX) || !(s[2] <= DBL_MAX)) {  // a NaN or Inf in the group
+      k = 0;
+      ss = s[1] + s[2];
+    } else if (s[2] > 0.0) {  // the small values are below 2^-997 of the big ones: negligible
+      k = 538;
+      ss = s[2] + s[1] * kDown * kDown;
+    } else if (s[1] > 0.0) {  // s[1] >= 2^-1022: the small values' rounding is at most 2^-52 of it
+      k = 0;
+      ss = s[1] + s[0] / kUp / kUp;
+    } else {
+      k = -537;
+      ss = s[0];
+    }
+  }
+};
+
+// out = v * f in A (bit for bit the former arithmetic) when f = scale / ||v|| is a normal A;
+// otherwise out = ((v * p1) * p2) * g in double, with ||v|| = m 2^E (m in [1, 2)), p1 * p2 = 2^-E
+// (two factors, each a normal double) and g = scale / m: neither g nor v * 2^-E (below 2) leaves
+// double's range. That result is rounded to A, then to the output type, as on the CPU.
+template <typename A>
+struct Factor {
+  A f = A(0);
+  bool wide = false;
+  double p1 = 1.0, p2 = 1.0, g = 0.0;
+
+  template <bool WIDE>
+  __device__ __forceinline__ A apply(A v) const {
+    if constexpr (WIDE) {
+      return static_cast<A>(static_cast<double>(v) * p1 * p2 * g);
+    } else {
+      return v * f;
+    }
+  }
+};
+
+// The factor of a group of norm 2^k * sqrt(ss). A zero group, a group with NaN/Inf (ss not finite)
+// and scale = 0 get f = 0, so NaN/Inf positions give NaN and the others zeros.
+template <typename A>
+__device__ __forceinline__ Factor<A> factor_of_norm(int k, double ss, double scale) {
+  Factor<A> fa;
+  if (!(ss > 0.0) || !(ss <= DBL_MAX) || scale == 0.0) return fa;
+  const double r = ::sqrt(ss);
+  int er = 0;
+  const double m2 = 2.0 * ::frexp(r, &er);  // r = m2 * 2^(er - 1), m2 in [1, 2)
+  const int e = k + er - 1;                 // ||v|| = m2 * 2^e
+  const double g = scale / m2;
+  // k == 0 keeps the former expression scale / sqrt(ss) (the same double either way when normal)
+  const double f = k == 0 ? scale / r : ::ldexp(g, -e);
+  const A fa_f = static_cast<A>(f);
+  if (::isfinite(fa_f) && ::fabs(fa_f) >= std::numeric_limits<A>::min()) {
+    fa.f = fa_f;
+    return fa;
+  }
+  fa.wide = true;
+  fa.g = g;
+  fa.p1 = ::ldexp(1.0, -(e / 2));
+  fa.p2 = ::ldexp(1.0, -(e - e / 2));
+  return fa;
+}
+
+// The common case on its own, for kernels that hold the group in registers meanwhile: ss trusted and
+// f = scale / sqrt(ss) a normal A (then factor_of_sumsq gives the same f). f is computed in double and
+// rounded once to A, as on the CPU: float(scale) / sqrtf(ss) rounds three times and can miss an
+// exactly representable factor by an ulp (16-bit rounding ties are tested bit for bit).
+template <typename A>
+__device__ __forceinline__ bool plain_factor(A ss, int64_t count, double scale, A& f) {
+  if (!sumsq_trusted(ss, count)) return false;
+  f = static_cast<A>(scale / ::sqrt(static_cast<double>(ss)));
+  return ::isfinite(f) && ::fabs(f) >= std::numeric_limits<A>::min();
+}
+
+template <typename A>
+__device__ __forceinline__ Factor<A> factor_of_sumsq(A ss, double scale) {
+  return factor_of_norm<A>(0, static_cast<double>(ss), scale);
+}
+
+template <typename A>
+__device__ __forceinline__ Factor<A> factor_of_robust(const double (&s)[Robust<A>::K], double scale) {
+  int k = 0;
+  double ss = 0.0;
+  Robust<A>::norm(s, k, ss);
+  return factor_of_norm<A>(k, ss, scale);
+}
+
+// Component-wise sum of n robust partials ws[i * K + c] by the whole block, in a fixed order; every
+// thread gets the result.
+template <int K>
+__device__ __forceinline__ void block_sum_array_k(const double* ws, int64_t n, double (&out)[K], double* smem) {
+#pragma unroll
+  for (int c = 0; c < K; ++c) out[c] = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+#pragma unroll
+    for (int c = 0; c < K; ++c) out[c] += ws[i * K + c];
+  }
+  block_sum<double, K>(out, smem);
 }
 
 // [a, e) = head scalars [a, h), VEC-vectors [h, be), tail scalars [be, e); indices that are

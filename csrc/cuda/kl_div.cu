@@ -48,10 +48,12 @@ struct Online {
       vq = qv[k] > vq ? qv[k] : vq;
     }
     // S moves with the maxima: each term loses the rise of mp and gains the rise of mq. While
-    // Zp = 0, S is 0 and a maximum may still be -inf, so nothing moves.
+    // Zp = 0, S is 0 and a maximum may still be -inf, so nothing moves. A rise that underflows every
+    // earlier weight (c = 0) takes S to 0 with Zp, as pass 2 drops terms whose softmax(p) is 0; an
+    // S of +inf (q = -inf under such a term) would otherwise give inf * 0.
     if (vp > mp) {
       const A c = fast_exp(mp - vp);
-      if (zp > A(0)) sp = (sp - (vp - mp) * zp) * c;
+      if (zp > A(0)) sp = c > A(0) ? (sp - (vp - mp) * zp) * c : A(0);
       zp *= c;
       mp = vp;
     }
@@ -70,10 +72,22 @@ struct Online {
         const A dq = qv[k] == ninf ? ninf : qv[k] - mq;
         sp += e > A(0) ? e * (dp - dq) : A(0);
       }
+    } else {
+      // Only -inf or NaN so far (a NaN is no maximum): the loop above did not run, so a NaN here
+      // would be lost; it makes the row's loss and gradient NaN, as everywhere else.
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (pv[k] != pv[k]) zp = std::numeric_limits<A>::quiet_NaN();
+      }
     }
     if (mq != ninf) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) zq += fast_exp(qv[k] - mq);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (qv[k] != qv[k]) zq = std::numeric_limits<A>::quiet_NaN();
+      }
     }
   }
   __device__ __forceinline__ void add1(A p, A q) {
@@ -90,18 +104,24 @@ struct Online {
 template <typename A>
 struct Final {
   A mp, mq, inv_zp, inv_zq, zp, sp, c, mm;
+  double cd;  // c in double, for the loss without pass 2
   bool pvalid, qvalid;
   __device__ __forceinline__ A kl_init() const {
     return pvalid && qvalid ? A(0) : std::numeric_limits<A>::quiet_NaN();
   }
-  // softmax(p), softmax(q) at one element; adds the element's KL term to kl.
+  // softmax(p), softmax(q) at one element; adds the element's KL term to kl (0 where softmax(p) is
+  // 0, as 0 log 0 = 0; a NaN softmax(p), from a NaN in the row, stays NaN).
   __device__ __forceinline__ A grad(A p, A q, A& kl) const {
     constexpr A nan = std::numeric_limits<A>::quiet_NaN();
     const A dp = p - mp, dq = q - mq;
     const A ep = pvalid ? fast_exp(dp) * inv_zp : nan;
     const A eq = qvalid ? fast_exp(dq) * inv_zq : nan;
-    kl += ep > A(0) ? ep * ((dp - dq) - c) : A(0);
+    kl += ep == A(0) ? A(0) : ep * ((dp - dq) - c);
     return (eq - ep) * mm;
+  }
+  // The loss from pass 1's statistics alone (valid rows).
+  __device__ __forceinline__ A pass1_loss() const {
+    return static_cast<A>((static_cast<double>(sp) / static_cast<double>(zp) - cd) * static_cast<double>(mm));
   }
 };
 
@@ -129,8 +149,10 @@ __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem)
   team_max<TEAM, A, 2>(mx, smem);
   const A cp = st.mp == ninf ? A(0) : fast_exp(st.mp - mx[0]);
   const A cq = st.mq == ninf ? A(0) : fast_exp(st.mq - mx[1]);
-  // each thread's S moved to the row's maxima (as in Online::add)
-  const A sp = st.zp > A(0) ? (st.sp + ((mx[1] - st.mq) - (mx[0] - st.mp)) * st.zp) * cp : A(0);
+  // each thread's S moved to the row's maxima (as in Online::add; nothing from a thread whose weights
+  // all underflow there, cp = 0)
+  const A sp =
+      st.zp > A(0) && cp > A(0) ? (st.sp + ((mx[1] - st.mq) - (mx[0] - st.mp)) * st.zp) * cp : A(0);
   A s[3] = {st.zp * cp, sp, st.zq * cq};
   team_sum<TEAM, A, 3>(s, smem);
   Final<A> f;
@@ -142,7 +164,10 @@ __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem)
   f.inv_zq = A(1) / s[2];
   f.pvalid = mx[0] != ninf;
   f.qvalid = mx[1] != ninf;
-  f.c = ::log(s[0]) - ::log(s[2]);
+  // log(Zp / Zq) in double: log Zp - log Zq in A would carry an ulp of log Zp (which grows with C),
+  // as large as the last digits a small KL needs
+  f.cd = ::log(static_cast<double>(s[0]) / static_cast<double>(s[2]));
+  f.c = static_cast<A>(f.cd);
   f.mm = mm;
   return f;
 }
@@ -282,7 +307,7 @@ __global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
     const Final<A> f = finalize<TEAM, A>(st, mm, smem);
     if (!want_grad) {
       // An all -inf row of p or q has no softmax: NaN, as kl_init() on the other paths.
-      if (tid == 0) rows[r] = f.pvalid && f.qvalid ? (f.sp / f.zp - f.c) * mm : f.kl_init();
+      if (tid == 0) rows[r] = f.pvalid && f.qvalid ? f.pass1_loss() : f.kl_init();
       return;
     }
     A kl[1] = {f.kl_init()};

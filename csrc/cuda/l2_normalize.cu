@@ -4,10 +4,13 @@
 //  * rows (token mode, small sample groups): one warp or one block per group; the group's values
 //    stay in registers between the sum of squares and the scaling, so x is read once.
 //  * chunks (global norm, big groups, or unaligned data): kernel 1 writes one fp32 (fp64 for
-//    double) partial sum of squares per (group, chunk); kernel 2 has every block reduce its group's
-//    partials itself in a fixed order (deterministic, no host sync, no extra launch) and scale its
-//    chunk, walking the chunks in the reverse order so that the data kernel 1 read last is still
-//    in L2.
+//    double) partial sum of squares per (group, chunk), and a robust partial (cuda_utils.cuh:
+//    Robust) that costs a second read of the chunk only where the plain sum is not trusted; kernel 2
+//    has every block reduce its group's partials itself in a fixed order (deterministic, no host
+//    sync, no extra launch), the robust ones only when the group's plain sum is not trusted, and
+//    scale its chunk, walking the chunks in the reverse order so that the data kernel 1 read last
+//    is still in L2.
+// Sums that are trusted give the same bits as a plain sum of squares in A; see cuda_utils.cuh.
 #include "common.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -69,15 +72,64 @@ __device__ __forceinline__ void store_scaled(T* out, int64_t i, const acc_t<T> (
   store_pack<T, VEC>(out + i, p);
 }
 
+template <bool WIDE, typename T, int VEC>
+__device__ __forceinline__ void store_scaled(T* out, int64_t i, const acc_t<T> (&v)[VEC], const Factor<acc_t<T>>& fa) {
+  Pack<T, VEC> p;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) p.val[k] = static_cast<T>(fa.template apply<WIDE>(v[k]));
+  store_pack<T, VEC>(out + i, p);
+}
+
 // ------------------------------------------------------------------------------------------
 // Row kernels: TEAM threads per group (32: a warp, 8 groups per block; else the whole block),
 // VPT cached VEC-vectors per thread. Needs G / VEC <= TEAM * VPT.
 // ------------------------------------------------------------------------------------------
-template <typename T, int VEC, int TEAM, int VPT, int THREADS>
-__global__ void __launch_bounds__(THREADS) l2_rows_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t R,
-                                                           int64_t G, double scale, bool row_mask) {
+// The rows kernel's rare cases (sum not trusted, or a factor that is no normal A): the group is read
+// again (from cache) rather than kept in registers, and out of line, so that none of this weighs on
+// the registers of the common path. Team-uniform: every thread holds the same ss.
+template <typename T, int VEC, int TEAM>
+__device__ __noinline__ void l2_row_rare(L2Src<T, VEC> src, T* __restrict__ out, int64_t a, int64_t e, int tid,
+                                        acc_t<T> mm, acc_t<T> ss, int64_t G, double scale, double* rsmem) {
   using A = acc_t<T>;
+  constexpr int RK = Robust<A>::K;
+  Factor<A> fa;
+  if (sumsq_trusted(ss, G)) {
+    fa = factor_of_sumsq(ss, scale);
+  } else {
+    double rs[RK] = {};
+#pragma unroll 1
+    for (int64_t i = a + tid; i < e; i += TEAM) Robust<A>::add(rs, src.load1(i) * mm);
+    if constexpr (TEAM == 32) {
+      warp_sum_k<double, RK>(rs);
+    } else {
+      block_sum<double, RK>(rs, rsmem);
+    }
+    fa = factor_of_robust<A>(rs, scale);
+  }
+  if (fa.wide) {
+#pragma unroll 1
+    for (int64_t i = a + tid; i < e; i += TEAM) out[i] = static_cast<T>(fa.template apply<true>(src.load1(i) * mm));
+  } else {
+#pragma unroll 1
+    for (int64_t i = a + tid; i < e; i += TEAM) out[i] = static_cast<T>(fa.template apply<false>(src.load1(i) * mm));
+  }
+}
+
+// Rows kernels that cache at most 32 values per thread fit 64 registers (1024 threads per SM); they
+// are held to that so that the rare path (l2_row_rare, whose registers count for the kernel too)
+// does not cost them occupancy.
+template <int VALUES, int THREADS>
+constexpr int l2_rows_min_blocks() {
+  return VALUES <= 32 ? 1024 / THREADS : 1;
+}
+
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+__global__ void __launch_bounds__(THREADS, (l2_rows_min_blocks<VPT * VEC, THREADS>()))
+    l2_rows_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t R, int64_t G, double scale, bool row_mask) {
+  using A = acc_t<T>;
+  constexpr int RK = Robust<A>::K;
   __shared__ A smem[32];
+  __shared__ double rsmem[32 * RK];
   const int tid = TEAM == 32 ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
   const int64_t r = TEAM == 32 ? static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + (threadIdx.x >> 5)
                                : static_cast<int64_t>(blockIdx.x);
@@ -134,14 +186,37 @@ __global__ void __launch_bounds__(THREADS) l2_rows_kernel(L2Src<T, VEC> src, T* 
   } else {
     block_sum<A, 1>(ss, smem);
   }
-  const A f = norm_factor(ss[0], scale);
+  A f;
+  bool plain = plain_factor(ss[0], G, scale, f);
+  if (!plain && ss[0] == A(0)) {
+    // Team-uniform. An exactly zero group (zero tokens are common: padding) keeps the register path,
+    // with f = 0; only squares that underflowed to 0 need the rare path.
+    bool nonzero = hv != A(0) || tv != A(0);
 #pragma unroll
-  for (int s = 0; s < VPT; ++s) {
-    const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
-    if (k < nb) store_scaled<T, VEC>(out, sp.h + k * VEC, v[s], f);
+    for (int s = 0; s < VPT; ++s)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) nonzero = nonzero || v[s][j] != A(0);
+    if constexpr (TEAM == 32) {
+      nonzero = __any_sync(0xffffffffu, nonzero);
+    } else {
+      nonzero = __syncthreads_or(nonzero) != 0;
+    }
+    if (!nonzero) {
+      f = A(0);
+      plain = true;
+    }
   }
-  if (tid < head) out[a + tid] = static_cast<T>(hv * f);
-  if (tid < tail) out[sp.be + tid] = static_cast<T>(tv * f);
+  if (plain) {
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
+      if (k < nb) store_scaled<T, VEC>(out, sp.h + k * VEC, v[s], f);
+    }
+    if (tid < head) out[a + tid] = static_cast<T>(hv * f);
+    if (tid < tail) out[sp.be + tid] = static_cast<T>(tv * f);
+    return;
+  }
+  l2_row_rare<T, VEC, TEAM>(src, out, a, e, tid, mm, ss[0], G, scale, rsmem);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -153,9 +228,12 @@ constexpr int kUnroll = 4;
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> src, int64_t G, int64_t cs,
-                                                                  int64_t bpg, acc_t<T>* __restrict__ ws) {
+                                                                  int64_t bpg, acc_t<T>* __restrict__ ws,
+                                                                  double* __restrict__ wr) {
   using A = acc_t<T>;
-  __shared__ A smem[32];
+  constexpr int RK = Robust<A>::K;
+  __shared__ A smem[32 * 2];
+  __shared__ double rsmem[32 * RK];
   const int64_t blk = blockIdx.x;
   const int64_t g = blk / bpg;
   const int64_t j = blk - g * bpg;
@@ -163,14 +241,17 @@ __global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> s
   const int64_t e = imin(a + cs, (g + 1) * G);
   const Span sp = split_span<VEC>(a, e);
   const int tid = threadIdx.x;
-  A ss[1] = {A(0)};
+  // ss[1] = sum of |v|: tells an all-zero chunk (nothing to sum again) from one whose squares underflowed
+  A ss[2] = {A(0), A(0)};
   for (int64_t i = a + tid; i < sp.h; i += kChunkThreads) {
     const A v = src.load1(i);
     ss[0] += v * v;
+    ss[1] += ::fabs(v);
   }
   for (int64_t i = sp.be + tid; i < e; i += kChunkThreads) {
     const A v = src.load1(i);
     ss[0] += v * v;
+    ss[1] += ::fabs(v);
   }
   constexpr int64_t step = static_cast<int64_t>(kChunkThreads) * VEC;
   for (int64_t base = sp.h + static_cast<int64_t>(tid) * VEC; base < sp.be; base += step * kUnroll) {
@@ -188,27 +269,39 @@ __global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> s
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) ss[0] += v[u][k] * v[u][k];
+      for (int k = 0; k < VEC; ++k) {
+        ss[0] += v[u][k] * v[u][k];
+        ss[1] += ::fabs(v[u][k]);
+      }
   }
-  block_sum<A, 1>(ss, smem);
-  if (tid == 0) ws[blk] = ss[0];
+  block_sum<A, 2>(ss, smem);
+  // Block-uniform. The chunk is summed again when its sum overflowed (or holds an Inf), or is finite,
+  // not zero and too small to trust; a NaN sum is kept (its group's factor is 0 whatever the rest).
+  double rs[RK] = {};
+  const bool overflow = ss[0] == std::numeric_limits<A>::infinity();
+  const bool tiny = ss[1] != A(0) && ss[0] <= std::numeric_limits<A>::max() && !sumsq_trusted(ss[0], e - a);
+  if (overflow || tiny) {
+    for (int64_t i = a + tid; i < e; i += kChunkThreads) Robust<A>::add(rs, src.load1(i));
+    block_sum<double, RK>(rs, rsmem);
+  } else {
+    Robust<A>::from_sum(rs, ss[0]);
+  }
+  if (tid == 0) {
+    ws[blk] = ss[0];
+#pragma unroll
+    for (int c = 0; c < RK; ++c) wr[blk * RK + c] = rs[c];
+  }
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kChunkThreads) l2_scale_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t G,
-                                                                  int64_t cs, int64_t bpg,
-                                                                  const acc_t<T>* __restrict__ ws, double scale) {
+template <bool WIDE, typename T, int VEC>
+__device__ __forceinline__ void scale_chunk(const L2Src<T, VEC>& src, T* __restrict__ out, int64_t a, int64_t e,
+                                            const Factor<acc_t<T>>& fa) {
   using A = acc_t<T>;
-  __shared__ A smem[32];
-  const int64_t blk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;  // reverse of kernel 1
-  const int64_t g = blk / bpg;
-  const int64_t j = blk - g * bpg;
-  const A f = norm_factor(block_sum_array(ws + g * bpg, bpg, smem), scale);
-  const int64_t a = g * G + j * cs;
-  const int64_t e = imin(a + cs, (g + 1) * G);
   const Span sp = split_span<VEC>(a, e);
   const int tid = threadIdx.x;
-  for (int64_t i = sp.be + tid; i < e; i += kChunkThreads) out[i] = static_cast<T>(src.load1(i) * f);
+  for (int64_t i = sp.be + tid; i < e; i += kChunkThreads) {
+    out[i] = static_cast<T>(fa.template apply<WIDE>(src.load1(i)));
+  }
   constexpr int64_t step = static_cast<int64_t>(kChunkThreads) * VEC;
   const int64_t nsteps = (sp.be - sp.h + step * kUnroll - 1) / (step * kUnroll);
   for (int64_t s = nsteps - 1; s >= 0; --s) {  // last-read data first
@@ -222,16 +315,49 @@ __global__ void __launch_bounds__(kChunkThreads) l2_scale_kernel(L2Src<T, VEC> s
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * step;
-      if (i < sp.be) store_scaled<T, VEC>(out, i, v[u], f);
+      if (i < sp.be) store_scaled<WIDE, T, VEC>(out, i, v[u], fa);
     }
   }
-  for (int64_t i = a + tid; i < sp.h; i += kChunkThreads) out[i] = static_cast<T>(src.load1(i) * f);
+  for (int64_t i = a + tid; i < sp.h; i += kChunkThreads) {
+    out[i] = static_cast<T>(fa.template apply<WIDE>(src.load1(i)));
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kChunkThreads) l2_scale_kernel(L2Src<T, VEC> src, T* __restrict__ out, int64_t G,
+                                                                  int64_t cs, int64_t bpg,
+                                                                  const acc_t<T>* __restrict__ ws,
+                                                                  const double* __restrict__ wr, double scale) {
+  using A = acc_t<T>;
+  constexpr int RK = Robust<A>::K;
+  __shared__ A smem[32];
+  __shared__ double rsmem[32 * RK];
+  const int64_t blk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;  // reverse of kernel 1
+  const int64_t g = blk / bpg;
+  const int64_t j = blk - g * bpg;
+  const A ss = block_sum_array(ws + g * bpg, bpg, smem);
+  Factor<A> fa;
+  if (sumsq_trusted(ss, G)) {
+    fa = factor_of_sumsq(ss, scale);
+  } else {  // block-uniform
+    double rs[RK];
+    block_sum_array_k<RK>(wr + g * bpg * RK, bpg, rs, rsmem);
+    fa = factor_of_robust<A>(rs, scale);
+  }
+  const int64_t a = g * G + j * cs;
+  const int64_t e = imin(a + cs, (g + 1) * G);
+  if (fa.wide) {
+    scale_chunk<true, T, VEC>(src, out, a, e, fa);
+  } else {
+    scale_chunk<false, T, VEC>(src, out, a, e, fa);
+  }
 }
 
 template <typename T, int VEC>
 void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, double scale,
                    const at::Tensor& x, int device) {
   using A = acc_t<T>;
+  constexpr int RK = Robust<A>::K;
   const int64_t R = numel / G;
   const int sms = sm_count(device);
   static PerDevice occupancy_cache;  // per kernel (this instantiation) and device
@@ -245,13 +371,15 @@ void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, d
   bpg = ceil_div(G, cs);
   const int64_t blocks = R * bpg;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.l2_normalize: tensor too large");
-  auto ws = at::empty({blocks}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  // one buffer: RK robust doubles per block, then one A per block (a double's room each)
+  auto work = at::empty({blocks * (RK + 1)}, x.options().dtype(at::kDouble));
+  double* wr = work.data_ptr<double>();
+  A* ws = reinterpret_cast<A*>(wr + blocks * RK);
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  l2_sumsq_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(src, G, cs, bpg,
-                                                                                     ws.data_ptr<A>());
+  l2_sumsq_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(src, G, cs, bpg, ws, wr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  l2_scale_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(
-      src, out, G, cs, bpg, ws.data_ptr<A>(), scale);
+  l2_scale_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(src, out, G, cs, bpg, ws, wr,
+                                                                                     scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
