@@ -41,7 +41,7 @@ RowStats<A> merge_stats(const RowStats<A>* part, int64_t n) {
   r.zp = r.zq = r.s = A(0);
   for (int64_t i = 0; i < n; ++i) {
     const A cp = std::exp(part[i].mp - r.mp), cq = std::exp(part[i].mq - r.mq);
-    if (part[i].zp != A(0)) {
+    if (part[i].zp != A(0) && cp != A(0)) {
       r.zp += part[i].zp * cp;
       r.s += (part[i].s + ((r.mq - part[i].mq) - (r.mp - part[i].mp)) * part[i].zp) * cp;
     }
@@ -75,6 +75,13 @@ struct KLRow {
 
   // S relative to the old maxima, moved to the new ones (before the e^{mp - nmp} rescale); lanes with
   // Zp = 0 have S = 0 and maxima that may still be the `lowest` sentinel, so they move by nothing.
+  // S whose weight underflowed to zero (rescale factor a == 0) is dropped, as Zp is: an infinite S (a
+  // class with q = -inf) times 0 would otherwise turn the row into NaN.
+  static inline V rescaled(const V& s, const V& a) {
+    const V zero(acc_t(0));
+    return V::blendv(s, zero, a == zero);
+  }
+
   static inline V shift_s(const V& s, const V& zp, const V& mp, const V& nmp, const V& mq, const V& nmq) {
     const V zero(acc_t(0));
     return s + V::blendv(((nmq - mq) - (nmp - mp)) * zp, zero, zp == zero);
@@ -100,7 +107,7 @@ struct KLRow {
         sq = sq + vexp(dq);
         ss = at::vec::fmadd(ep, diff(ep, dp, dq), ss);
       }
-      s = at::vec::fmadd(shift_s(s, zp, mp, nmp, mq, nmq), ap, ss);
+      s = at::vec::fmadd(rescaled(shift_s(s, zp, mp, nmp, mq, nmq), ap), ap, ss);
       zp = at::vec::fmadd(zp, ap, sp);
       zq = at::vec::fmadd(zq, aq, sq);
       mp = nmp;
@@ -126,7 +133,7 @@ struct KLRow {
         ep = V::set(V(acc_t(0)), ep, n);
         eq = V::set(V(acc_t(0)), eq, n);
       }
-      s = at::vec::fmadd(shift_s(s, zp, mp, nmp, mq, nmq), ap, ep * diff(ep, pv - nmp, qv - nmq));
+      s = at::vec::fmadd(rescaled(shift_s(s, zp, mp, nmp, mq, nmq), ap), ap, ep * diff(ep, pv - nmp, qv - nmq));
       zp = at::vec::fmadd(zp, ap, ep);
       zq = at::vec::fmadd(zq, aq, eq);
       mp = nmp;
