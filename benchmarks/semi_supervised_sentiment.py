@@ -151,8 +151,7 @@ PROTOCOL = dict(
     lr_grid="5e-5,1e-4,2e-4,4e-4",
     grid={"noise": ("eps", (5.0, 10.0, 20.0)),
           "gp": ("w", (0.03, 0.3, 3.0)),
-          "vat_output": ("eps", (1.0, 2.0, 5.0)),
-          "vat_warm": ("eps", (0.5, 1.0))},
+          "vat_output": ("eps", (1.0, 2.0, 5.0))},
 )
 PROTOCOL_PRESETS = {
     "smoke": dict(selection_seeds="0", eval_seeds="10,11", lr_grid="1e-4,2e-4",
@@ -166,7 +165,7 @@ PROTOCOL_PRESETS = {
 #            ``family[key=value]`` may override any of them, typed like the default;
 #   w:       the weight of its loss (default ``--vat-weight``);
 #   index:   also pass ``index=`` (a LongTensor: the unlabelled batch's positions in this seed's
-#            unlabelled pool) to every call -- per-example state such as a warm-started direction;
+#            unlabelled pool) to every call -- for per-example state;
 #   pool_kwarg: the constructor keyword that receives the unlabelled pool's size, if the family needs it;
 #   math_attention: run the call on PyTorch's math attention (double backward through attention).
 FAMILIES = {
@@ -176,11 +175,6 @@ FAMILIES = {
                math_attention=True),
     "vat_weight": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=1)),
     "vat_output": dict(kind="vat", kwargs=dict(target="output", norm="sample", eps=None, xi=None, iters=1)),
-    # the matrix VAT with warm-started power iteration: no power pass, the direction the previous
-    # backward left on each row (VAT(warm_start=True)); eps chosen on validation (the article's code has
-    # no warm mode), xi unused with iters=0
-    "vat_warm": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=0,
-                                             warm_start=True)),
 }
 # What makes two runs of one (method settings, seed) the same computation: a saved cell must match.
 TRAINING_KEYS = ("layers", "max_len", "steps", "batch_labelled", "batch_unlabelled", "weight_decay", "eval_every",

@@ -42,8 +42,7 @@ SIZES = {
              "base_width": {"layers": 2, "hidden": 768, "heads": 12, "batch": 8, "seq": 128}},
 }
 
-BARS = {"bound": 1.10, "naive": 1.15, "naive_logits": 1.35, "dense_250k": 1.5, "vocab_scaling": 1.15,
-        "warm": 1.5, "warm_logits": 1.15}
+BARS = {"bound": 1.10, "naive": 1.15, "naive_logits": 1.35, "dense_250k": 1.5, "vocab_scaling": 1.15}
 
 
 class Ctx:
@@ -351,61 +350,10 @@ def _bound_checks(res, prefix=""):
     ]
 
 
-def bench_warm_start(ctx):
-    """warm_start=True, iters=0 (one forward and one backward per VAT term) against the cold default
-    (iters=1) and the plain step, on the output target (with index=) and the weight target."""
-    import fastvat
-
-    c = ctx.cfg
-    model = bert(ctx, vocab=c["vocab"], layers=c["layers"], hidden=c["hidden"], heads=c["heads"])
-    ids, am, y = batch(ctx, vocab=c["vocab"], batch_size=c["batch"], seq=c["seq"])
-    index = torch.arange(c["batch"], device=ctx.device)
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        clean = model(ids, attention_mask=am).logits.detach()
-    vats = {
-        "output": (fastvat.VAT(model, embedding=emb), fastvat.VAT(model, embedding=emb, iters=0, warm_start=True),
-                   {"index": index}),
-        "weight": (fastvat.VAT(model, embedding=emb, target="weight"),
-                   fastvat.VAT(model, embedding=emb, target="weight", iters=0, warm_start=True), {}),
-    }
-
-    def term(vat, extra, logits=None):
-        def fn():
-            model.zero_grad(set_to_none=True)
-            vat(ids, attention_mask=am, logits=logits, **extra).backward()
-        return fn
-
-    fns = {"plain": plain_step(model, ids, am, y)}
-    for target, (cold, warm, extra) in vats.items():
-        fns[f"{target}_cold"] = term(cold, {})
-        fns[f"{target}_warm"] = term(warm, extra)
-        fns[f"{target}_warm_logits"] = term(warm, extra, clean)
-    ctx.tick("warm start: plain, cold and warm VAT terms (output, weight)")
-    res = ctx.time_many(fns)
-    p = res["plain"]
-    shape = _shape(model, c["batch"], c["seq"])
-    rows, checks = [], []
-    busy = res.load["busy"]
-    for target in vats:
-        cold, warm, warm_l = res[f"{target}_cold"], res[f"{target}_warm"], res[f"{target}_warm_logits"]
-        for label, r, bar in (("warm_start, iters=0", warm, "warm"), ("warm_start, iters=0, logits=", warm_l,
-                                                                      "warm_logits")):
-            rows.append(_row(ctx, f"VAT term ({target}, {label})", shape, res.load, baseline="cold VAT (iters=1)",
-                             baseline_ms=cold.ms, baseline_iqr_ms=cold.iqr_ms, fastvat_ms=r.ms, fastvat_iqr_ms=r.iqr_ms,
-                             speedup=ratio(cold, r), value=ratio(r, p),
-                             note=f"value = VAT term / plain step; plain {p.ms:.1f} ms"))
-            v = ratio(r, p)
-            checks.append(check(f"warm VAT term / plain ({target}{', logits=' if bar == 'warm_logits' else ''})", v,
-                                f"<={BARS[bar]}", v <= BARS[bar], busy=busy))
-        checks.append(check(f"cold VAT term / plain ({target})", ratio(cold, p), None, None, busy=busy))
-    return rows, checks
-
-
 def plan_size(ctx):
     """Progress ticks of ``run`` (for the progress bar)."""
     n = 1 + (1 if ctx.compile else 0)  # output mode
-    n += len(ctx.cfg["weight_vocabs"]) + 1  # + the warm-start case
+    n += len(ctx.cfg["weight_vocabs"])
     n += sum(v != ctx.cfg[axis] for axis, vs in ctx.cfg["sweep"].items() for v in vs)
     if ctx.minilm:
         n += 1
@@ -433,10 +381,6 @@ def run(ctx, *, sweep=True):
     ]
     if "compiled" in res:
         checks.append(check("compiled naive / fastvat", ratio(res["compiled"], f), None, None, busy=busy))
-
-    wrows, wchecks = bench_warm_start(ctx)
-    rows += wrows
-    checks += wchecks
 
     wres = {}
     for v in c["weight_vocabs"]:

@@ -135,8 +135,8 @@ def _primal_pass(model, target, args, kwargs, class_last, rng):
 def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
     """One power step ``d <- H d`` (the xi -> 0 limit), H the Gauss–Newton Hessian of D at r = 0.
 
-    d is None for the first step, whose direction ``start()`` sets on the target (a random or a
-    warm start, drawn as the finite-difference path draws it). ``class_last`` puts the logits' class
+    d is None for the first step, whose direction ``start()`` sets on the target (a random
+    start, drawn as the finite-difference path draws it). ``class_last`` puts the logits' class
     dim last. Returns a tensor shaped like the perturbation (what ``grad_r D`` would be), up to a
     global scale. A model without forward-mode AD raises ``FallBack`` (a RuntimeError when
     ``strict``: the caller forced the exact step).

@@ -58,7 +58,6 @@ class Target:
         self.norm = norm
         self.generator = generator
         self.mask = None  # float mask over leading dims of r, or None
-        self.index = None  # the examples' dataset indices, for a warm start
         self._spec = None
         self.current = None
 
@@ -81,9 +80,6 @@ class Target:
     def value(self, r, *, requires_grad=False):
         self._set(_Spec("value", r.detach(), requires_grad=requires_grad))
 
-    def warm(self, start, scale, *, requires_grad=False):
-        """``start(keys, shape, like)`` (a stored direction per key) normalised to `scale` per norm group."""
-        self._set(_Spec("warm", start, scale, requires_grad))
 
     def _set(self, spec):
         self._spec = spec
@@ -114,14 +110,6 @@ class Target:
             if extra_dof:
                 extra = chi2_sample(extra_dof, generator=self.generator, device=like.device, dtype=g.dtype)
             r = self._normalise(g, spec.scale, like, extra)
-        elif spec.kind == "warm":
-            keys = self.warm_keys()
-            if keys.shape[0] != shape[0]:
-                raise ValueError(
-                    f"index has {keys.shape[0]} entries but the perturbed tensor has {shape[0]} rows along dim 0; "
-                    "pass one dataset index per example of the batch"
-                )
-            r = self._normalise(spec.value(keys.to(like.device), shape, like), spec.scale, like)
         elif spec.kind == "direction":
             if tuple(spec.value.shape) != tuple(shape):
                 raise RuntimeError(
@@ -197,15 +185,10 @@ class Target:
         """A mask over the logits' rows (token-level models), or None."""
         return None
 
-    def warm_keys(self):
-        """The keys of a warm-started direction's entries: the call's dataset indices."""
-        return self.index
-
     def begin_call(self):
         self._spec = None
         self.current = None
         self.mask = None
-        self.index = None
 
     def end_call(self):
         self._spec = None
@@ -385,10 +368,6 @@ class WeightTarget(_EmbeddingTarget):
     def _dual_hook(self, inputs, output, make_dual):
         self._capture(inputs[0])
         return output + F.embedding(self.inverse, make_dual(self._r_rows(output)))
-
-    def warm_keys(self):
-        """The vocabulary rows the batch uses: r_adv has one entry per row."""
-        return self.rows
 
     def _capture_hook(self, module, inputs):
         if inputs:

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from fastvat import _checks, _hvp, _nonfinite, _warm, ops
+from fastvat import _checks, _hvp, _nonfinite, ops
 from fastvat._regularizer import Regularizer
 
 # Defaults per target (see README "Choosing eps and xi"):
@@ -52,7 +52,7 @@ class VAT(Regularizer):
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
                  generator=None, drop_labels=True, nonfinite="raise", hvp="auto", class_dim=None,
-                 warm_start=False, warm_start_dtype=None, head=None):
+                 head=None):
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
                          nonfinite=nonfinite, class_dim=class_dim, head=head)
         if head is not None and hvp == "exact":
@@ -61,11 +61,6 @@ class VAT(Regularizer):
                 "fused head never forms; use hvp='finite_difference' (or 'auto') with a xi that is large next to "
                 "rounding in the model's dtype"
             )
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"warm_start must be True or False, got {type(warm_start).__name__}")
-        self.warm_start = warm_start
-        capacity = self.embedding.num_embeddings if self.target == "weight" else 0
-        self._store = _warm.DirectionStore(warm_start_dtype, capacity) if warm_start else None
         d = DEFAULTS[self.target]
         self.xi = _checks.finite_number("xi", d["xi"] if xi is None else xi, positive=True)
         self.eps = _checks.finite_number("eps", d["eps"] if eps is None else eps, positive=True)
@@ -78,7 +73,7 @@ class VAT(Regularizer):
 
     def __repr__(self):
         return (f"VAT(target={self.target!r}, norm={self.norm!r}, xi={self.xi}, eps={self.eps}, "
-                f"iters={self.iters}, warm_start={self.warm_start})")
+                f"iters={self.iters})")
 
     def _exact_fell_back(self, exc):
         self.exact_unavailable = True
@@ -90,74 +85,9 @@ class VAT(Regularizer):
             stacklevel=4,
         )
 
-    # -- warm start (fastvat/_warm.py) ------------------------------------------------------------
     def _start(self, scale, *, requires_grad=False):
-        """The power iteration's first direction: a random draw, or the stored one of a warm start."""
-        t = self._target
-        if self._store is None:
-            t.random(scale, requires_grad=requires_grad)
-        else:
-            t.warm(lambda keys, shape, like: self._store.start(keys, shape, like, self.generator), scale,
-                   requires_grad=requires_grad)
-
-    def _check_index(self, index, args):
-        if not self.warm_start:
-            if index is not None:
-                raise ValueError("index= is only used with warm_start=True (it keys the stored directions)")
-            return None
-        if self.target == "weight":
-            if index is not None:
-                raise ValueError(
-                    "index= is not used by the weight target: its warm-start directions are kept per vocabulary row"
-                )
-            return None
-        if index is None:
-            raise ValueError(
-                f"warm_start=True on the {self.target} target needs index=: the {self.target} perturbation belongs to "
-                "an example, so its stored direction is found by the example's dataset index (pass the batch's "
-                "dataset indices, a 1-D integer tensor with one entry per example)"
-            )
-        _checks.tensor("index", index, integer=True)
-        if index.dim() != 1:
-            raise ValueError(f"index must be 1-D (one dataset index per example), got shape {tuple(index.shape)}")
-        if index.numel() and int(index.min()) < 0:
-            raise ValueError(f"index must hold dataset indices >= 0, got a minimum of {int(index.min())}")
-        return index
-
-    def _keep_gradient(self):
-        """After the adversarial forward: the caller's backward stores the gradient at r_adv."""
-        t = self._target
-        r = t.current
-        if self._store is None or r is None or not r.requires_grad:
-            return
-        keys, mask, norm, store = t.warm_keys(), t.mask, self.norm, self._store
-        r.register_hook(lambda g: store.update(keys.to(g.device), g, norm, mask))
-
-    def state_dict(self):
-        """The warm-start store and the generator's state: what a resumed run needs to continue identically."""
-        return {
-            "warm_start": None if self._store is None else self._store.state_dict(),
-            "generator": None if self.generator is None else self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state):
-        if not isinstance(state, dict) or set(state) != {"warm_start", "generator"}:
-            raise ValueError("state must be a dict from VAT.state_dict() with keys 'warm_start' and 'generator'")
-        if (state["warm_start"] is None) != (self._store is None):
-            raise ValueError(
-                f"state was saved with warm_start={state['warm_start'] is not None} but this VAT has "
-                f"warm_start={self.warm_start}"
-            )
-        if (state["generator"] is None) != (self.generator is None):
-            raise ValueError("state holds a generator state only when the VAT was built with generator=")
-        if self._store is not None:
-            self._store.load_state_dict(state["warm_start"])
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
-
-    def warm_start_memory(self) -> int:
-        """Bytes held by the warm-start store (0 before the first call, or without warm_start)."""
-        return 0 if self._store is None else self._store.memory_bytes()
+        """The power iteration's first direction: a random draw, normalised to ``scale``."""
+        self._target.random(scale, requires_grad=requires_grad)
 
     def _adversarial_direction(self, args, kwargs, p_logits):
         """Power iteration: d <- grad_d D(p, f(x + xi d/|d|)); returns d (None when iters == 0)."""
@@ -189,35 +119,26 @@ class VAT(Regularizer):
 
     def _set_final(self, d):
         t = self._target
-        grad = self._store is not None  # the caller's backward then reaches r_adv (a warm start keeps it)
         if d is None:
-            self._start(self.eps, requires_grad=grad)
+            self._start(self.eps)
         else:
-            t.direction(d, self.eps, requires_grad=grad)
+            t.direction(d, self.eps)
 
-    def __call__(self, *args, logits=None, index=None, **kwargs):
-        """L_vat = D(p, f(x + r_adv)), a scalar with gradients for the model's parameters.
-
-        ``index``: with ``warm_start=True`` on the input or output target, the batch's dataset indices.
-        """
-        index = self._check_index(index, args)
+    def __call__(self, *args, logits=None, **kwargs):
+        """L_vat = D(p, f(x + r_adv)), a scalar with gradients for the model's parameters."""
         with self._call(args, kwargs) as (args, kwargs):
-            self._target.index = index
             p = self._clean_logits(args, kwargs, logits)
             d = self._finite_direction(self._adversarial_direction(args, kwargs, p), p)
             self._set_final(d)
             q = self._class_last(self._forward(args, kwargs))
-            self._keep_gradient()
             if q.shape != p.shape:
                 raise ValueError(f"logits has shape {tuple(p.shape)} but the model returned {tuple(q.shape)}")
             loss = self._divergence(p, q, "batchmean")
             return self._finite_loss(loss, p, d, logits is not None)
 
-    def perturbation(self, *args, logits=None, index=None, **kwargs):
+    def perturbation(self, *args, logits=None, **kwargs):
         """r_adv (detached), shaped like the perturbed tensor (weight target: [V, H], zero off-batch)."""
-        index = self._check_index(index, args)
         with self._call(args, kwargs) as (args, kwargs):
-            self._target.index = index
             p = self._clean_logits(args, kwargs, logits)
             t = self._target
             d = self._finite_direction(self._adversarial_direction(args, kwargs, p), p)

@@ -21,8 +21,6 @@ SMOKE_CASES = {
     "l2_normalize global masked", "kl_div_with_logits fwd+bwd", "embedding_gather_add fwd+bwd",
     "BERT: plain step (fwd+bwd)", "BERT: bare-pass bound", "BERT: VAT step (output)",
     "BERT: VAT step (output, logits=)", "VAT step (weight) V=1000", "VAT step (weight) V=8000", "sweep batch=2",
-    "VAT term (output, warm_start, iters=0)", "VAT term (output, warm_start, iters=0, logits=)",
-    "VAT term (weight, warm_start, iters=0)", "VAT term (weight, warm_start, iters=0, logits=)",
 }
 
 

@@ -202,13 +202,13 @@ def test_index_and_pool_size_reach_a_family_that_asks(tmp_path, monkeypatch):
             return torch.zeros((), requires_grad=True)
 
     monkeypatch.setattr(fastvat, "VAT", Spy)
-    monkeypatch.setitem(mod.FAMILIES, "spy", dict(kind="vat", kwargs=dict(target="output", warm_start=True,
+    monkeypatch.setitem(mod.FAMILIES, "spy", dict(kind="vat", kwargs=dict(target="output", norm="token",
                                                                              iters=0), index=True,
                                                   pool_kwarg="n_examples"))
     res = mod.main(["--smoke", "--seeds", "0", "--methods", "spy", "--out", str(tmp_path / "spy"),
                     "--no-progress"])
     n_unl = res["data"]["n_unlabelled"]
-    assert seen["kwargs"]["warm_start"] is True and seen["kwargs"]["iters"] == 0
+    assert seen["kwargs"]["norm"] == "token" and seen["kwargs"]["iters"] == 0
     assert seen["kwargs"]["n_examples"] == n_unl
     assert len(seen["calls"]) == 2
     for idx, b in seen["calls"]:

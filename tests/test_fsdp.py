@@ -280,7 +280,6 @@ CASES = [
     bert_case("output", _vat(target="output")),
     bert_case("weight", _vat(target="weight")),
     bert_case("weight-embedding-unit", _vat(target="weight"), units=_bert_units_embedding_alone, reference="weight"),
-    bert_case("weight-warm-start", _vat(target="weight", warm_start=True)),
     # the exact (xi -> 0) power step
     mlp_case("input-exact", _vat(target="input", hvp="exact", iters=2), call=_call_without_logits),
     bert_case("output-exact", _vat(target="output", hvp="exact")),
