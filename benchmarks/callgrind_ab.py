@@ -23,14 +23,17 @@ How the count is isolated:
     entry point's lambdas ("...::operator()() const") and its ".cold" clone do not match.
   * --dump-after writes one profile per call. The first call is a warm-up (one-time static
     initialisation, allocator growth) and is not reported; the reported Ir/call is the median of
-    the remaining --calls profiles, which in practice are identical to the instruction.
+    the remaining --calls profiles, which differ from each other only by a few hundred instructions
+    (allocator paths).
   * One thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)): valgrind serialises threads anyway, and
     idle OpenMP workers would add spin-wait instructions that depend on scheduling.
   * Inputs come from a fixed seed and are drawn before the first call.
 
-Outputs in --out: results.json (per case: Ir per call for OLD and NEW, NEW/OLD), results.md (the same
-as a table), and per tree and case the raw callgrind profiles and a callgrind_annotate report
-(exclusive and inclusive, by function) of the last call, for finding where a difference comes from.
+Outputs in --out: results.json (per case: Ir per call for OLD and NEW, NEW/OLD, and which extension
+files were measured), results.md (the same as a table), annotate/<side>_<case>.txt (callgrind_annotate
+of the last call: exclusive Ir by function with the hot source lines, then inclusive by function), for
+finding where a difference comes from, and raw/ (every per-call profile and valgrind's log; large, and
+listed in the folder's .gitignore).
 """
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ import glob
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -71,6 +73,9 @@ CASES = {
     "l2_sample_masked": ("l2_normalize", "fp32 x [32, 128, 768], float mask [32, 128] (~20% zeros), 'sample'"),
     "l2_global": ("l2_normalize", "fp32 x [4096, 768], no mask, 'global'"),
     "l2_token": ("l2_normalize", "fp32 x [32, 128, 768], no mask, 'token'"),
+    # masked-out tokens are all-zero groups: the one place where "normal data" meets the robust norm's
+    # special case (a zero sum of squares) on every call
+    "l2_token_masked": ("l2_normalize", "fp32 x [32, 128, 768], float mask [32, 128] (~20% zeros), 'token'"),
     "perturb_fp32": ("perturb_", "fp32 weight/direction/delta [8192, 768], has_previous"),
     "perturb_bf16": ("perturb_", "bf16 weight/direction/delta [8192, 768], has_previous"),
 }
@@ -92,6 +97,10 @@ def _make_call(case: str):
         x = torch.randn(32, 128, 768)
         mask = (torch.rand(32, 128) >= 0.2).float()
         return lambda: ops.l2_normalize(x, None, mask, 1.0, "sample")
+    if case == "l2_token_masked":
+        x = torch.randn(32, 128, 768)
+        mask = (torch.rand(32, 128) >= 0.2).float()
+        return lambda: ops.l2_normalize(x, None, mask, 1.0, "token")
     if case == "l2_global":
         x = torch.randn(4096, 768)
         return lambda: ops.l2_normalize(x, None, None, 1.0, "global")
@@ -139,15 +148,25 @@ def _dump_index(path: str) -> int:
 
 
 def _annotate(profile: str, inclusive: bool) -> str:
-    args = ["callgrind_annotate", "--threshold=99.9"]
+    # A --dump-after profile ends with the call chain that was active at the dump, written as
+    # "calls=0" records; callgrind_annotate (3.19) then books the chain's inclusive cost as
+    # __libc_start_main's own. The number of calls is only displayed, so a copy with 1 reads right.
+    fixed = profile + ".annotate-input"
+    with open(profile) as src, open(fixed, "w") as dst:
+        for line in src:
+            dst.write("calls=1 " + line[len("calls=0 "):] if line.startswith("calls=0 ") else line)
+    args = ["callgrind_annotate", "--threshold=99", f"--auto={'no' if inclusive else 'yes'}"]
     if inclusive:
         args.append("--inclusive=yes")
-    return subprocess.run(args + [profile], check=True, capture_output=True, text=True).stdout
+    try:
+        return subprocess.run(args + [fixed], check=True, capture_output=True, text=True).stdout
+    finally:
+        os.remove(fixed)
 
 
 def run_one(python: str, tree: str, side: str, case: str, calls: int, out: str) -> dict:
     op = CASES[case][0]
-    base = os.path.join(out, "profiles", f"{side}_{case}.callgrind")
+    base = os.path.join(out, "raw", f"{side}_{case}.callgrind")
     for stale in glob.glob(base + "*"):
         os.remove(stale)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -155,6 +174,8 @@ def run_one(python: str, tree: str, side: str, case: str, calls: int, out: str) 
     cmd = [
         "valgrind", "--tool=callgrind", "--collect-atstart=no",
         f"--toggle-collect={ENTRY[op]}{TOGGLE_SUFFIX}", f"--dump-after={ENTRY[op]}{DUMP_SUFFIX}",
+        # each per-call dump must name its own files and functions, or callgrind_annotate cannot read it alone
+        "--compress-strings=no", "--compress-pos=no",
         f"--callgrind-out-file={base}",
         python, os.path.abspath(__file__), "--worker", case, "--tree", tree, "--calls", str(calls),
     ]
@@ -169,7 +190,7 @@ def run_one(python: str, tree: str, side: str, case: str, calls: int, out: str) 
                            f"(does the entry-point pattern match exactly one function?)")
     per_call = [_total_ir(p) for p in dumps[1:]]
     last = dumps[-1]
-    with open(base + ".annotate.txt", "w") as f:
+    with open(os.path.join(out, "annotate", f"{side}_{case}.txt"), "w") as f:
         f.write(f"# {side} {case}: last of {calls} timed calls ({os.path.basename(last)})\n\n")
         f.write("## exclusive\n" + _annotate(last, False) + "\n## inclusive\n" + _annotate(last, True))
     return {"warmup_ir": _total_ir(dumps[0]), "per_call_ir": per_call, "ir_per_call": int(statistics.median(per_call))}
@@ -180,7 +201,10 @@ def orchestrate(args) -> None:
         raise SystemExit("valgrind (with callgrind_annotate) is needed")
     trees = {"old": os.path.abspath(args.old_tree), "new": os.path.abspath(args.new_tree)}
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.join(out, "profiles"), exist_ok=True)
+    for sub in ("raw", "annotate"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    with open(os.path.join(out, ".gitignore"), "w") as f:
+        f.write("raw/\n")
     cases = args.cases or list(CASES)
     jobs = [(side, case) for case in cases for side in ("old", "new")]
     results: dict = {case: {} for case in cases}
@@ -200,6 +224,15 @@ def orchestrate(args) -> None:
         r = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--", "csrc"], capture_output=True, text=True)
         return r.stdout.splitlines()
 
+    def extension(tree: str) -> dict:
+        # the .so is what was measured; a source edited after it was built would not be in the numbers
+        so = sorted(glob.glob(os.path.join(tree, "fastvat", "_C*.so")))[0]
+        built = os.path.getmtime(so)
+        sources = glob.glob(os.path.join(tree, "csrc", "**", "*.*"), recursive=True)
+        return {"so": so, "built": datetime.datetime.fromtimestamp(built).isoformat(timespec="seconds"),
+                "sources_newer_than_so": sorted(os.path.relpath(p, tree) for p in sources
+                                                if os.path.getmtime(p) > built and p.endswith((".cpp", ".h")))}
+
     import torch
 
     doc = {
@@ -208,7 +241,8 @@ def orchestrate(args) -> None:
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0].startswith(REPO) else sys.argv[0]]
                             + sys.argv[1:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "trees": {side: {"path": t, "commit": commit_of(t), "csrc_changes_not_committed": dirty(t)}
+        "trees": {side: {"path": t, "commit": commit_of(t), "csrc_changes_not_committed": dirty(t),
+                         "extension": extension(t)}
                   for side, t in trees.items()},
         "calls": args.calls,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
