@@ -95,6 +95,18 @@ def leading_mask(mask, x, *, name="mask", x_name="x"):
     return expanded.to(x.dtype).contiguous()
 
 
+def row_mask(mask, x, *, x_name, feature):
+    """A mask over the first k leading (non-``feature``) dims of the tensor argument ``x_name``,
+    validated and expanded to all of them: each of its entries covers every row below it."""
+    tensor("mask", mask)
+    lead = tuple(x.shape[:-1])
+    if mask.dim() > len(lead):
+        raise ValueError(f"mask has {mask.dim()} dims but {x_name} has {len(lead)} leading (non-{feature}) dims")
+    probe = torch.empty(lead + (1,), device=x.device, dtype=x.dtype)
+    mask = leading_mask(mask, probe, x_name=f"{x_name}'s leading dims")
+    return mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.dim())).expand(lead)
+
+
 def not_grad_leaf(name, t):
     if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
         raise ValueError(

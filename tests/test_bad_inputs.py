@@ -207,7 +207,7 @@ CASES = {
                                                   ValueError, r"^mask of shape \(3,\) does not broadcast",
                                                   p=torch.randn(4, 3), q=torch.randn(4, 3), m=torch.ones(3)),
     "kl_div/mask over the class dim": lambda: _op(lambda p, q, m: ops.kl_div_with_logits(p, q, mask=m),
-                                                  ValueError, r"^mask has 2 dims but the logits have 1 leading",
+                                                  ValueError, r"^mask has 2 dims but q_logits has 1 leading",
                                                   p=torch.randn(4, 3), q=torch.randn(4, 3), m=torch.ones(4, 3)),
     "gather_add/weight not 2-D": lambda: _op(lambda w, i, d, di: ops.embedding_gather_add(w, i, d, di),
                                              ValueError, r"^weight must be 2-D", w=torch.randn(6, 3, 1),

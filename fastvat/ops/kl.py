@@ -39,7 +39,7 @@ def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
         )
     lead = tuple(q_logits.shape[:-1])
     if mask is not None:
-        mask = _row_mask(mask, q_logits)
+        mask = _checks.row_mask(mask, q_logits, x_name="q_logits", feature="class")
     batch = q_logits.shape[0] if q_logits.dim() > 1 else 1
     if not use_kernel(q_logits):
         return ref.kl_div_with_logits(p_logits, q_logits, mask=mask, reduction=reduction)
@@ -53,18 +53,6 @@ def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
     rows, _ = torch.ops.fastvat.kl_div_with_logits(p2, q2, mask_flat, compute_grad)
     rows = rows.reshape(lead)
     return ref.reduce_rows(rows, reduction, batch, mask)
-
-
-def _row_mask(mask, q_logits):
-    """The mask validated and expanded to every leading dim of the logits: a mask over the first k
-    of them covers, for each of its entries, all the rows below it."""
-    _checks.tensor("mask", mask)
-    lead = tuple(q_logits.shape[:-1])
-    if mask.dim() > len(lead):
-        raise ValueError(f"mask has {mask.dim()} dims but the logits have {len(lead)} leading (non-class) dims")
-    probe = torch.empty(lead + (1,), device=q_logits.device, dtype=q_logits.dtype)
-    mask = _checks.leading_mask(mask, probe, x_name="the logits' leading dims")
-    return mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.dim())).expand(lead)
 
 
 def _kl_setup(ctx, inputs, output):

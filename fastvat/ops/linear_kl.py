@@ -96,7 +96,7 @@ def linear_kl_div(h_p, h_q, weight, bias=None, *, mask=None, reduction="batchmea
             raise TypeError(f"{name} must have h_q's dtype {h_q.dtype}, got {t.dtype}")
     lead = tuple(h_q.shape[:-1])
     if mask is not None:
-        mask = _row_mask(mask, h_q)
+        mask = _checks.row_mask(mask, h_q, x_name="h_q", feature="hidden")
     batch = lead[0] if lead else 1
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(vocab)
 
@@ -118,18 +118,6 @@ def linear_kl_div(h_p, h_q, weight, bias=None, *, mask=None, reduction="batchmea
         return out / max(batch, 1)
     count = mask_flat.sum() if mask_flat is not None else torch.tensor(float(hq2.shape[0]), dtype=out.dtype)
     return out / count.clamp_min(1)
-
-
-def _row_mask(mask, h):
-    """The mask validated and expanded to every leading dim of h: a mask over the first k of them
-    covers, for each of its entries, all the rows below it."""
-    _checks.tensor("mask", mask)
-    lead = tuple(h.shape[:-1])
-    if mask.dim() > len(lead):
-        raise ValueError(f"mask has {mask.dim()} dims but h_q has {len(lead)} leading (non-hidden) dims")
-    probe = torch.empty(lead + (1,), device=h.device, dtype=h.dtype)
-    mask = _checks.leading_mask(mask, probe, x_name="h_q's leading dims")
-    return mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.dim())).expand(lead)
 
 
 def _kl_chunk(p, q, mask, compute_grad):
