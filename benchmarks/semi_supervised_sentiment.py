@@ -713,6 +713,27 @@ def selection_row(value_key, value, runs):
             "val_mean": statistics.fmean(vals.values()) if vals else None}
 
 
+# The article's ladder as paired comparisons between rungs (higher rung first), and VAT's two targets.
+LADDER = (("noise", "sup"), ("gp", "noise"), ("vat_weight", "gp"), ("vat_weight", "vat_output"))
+
+
+def ladder_steps(summary, pairs=LADDER):
+    """Paired test-accuracy differences a − b over the seeds both methods ran, for each (a, b) in
+    pairs whose methods are both in the summary. The difference of two gains over sup on a seed is
+    the difference of the two methods' accuracies on it (sup cancels), so sup's runs pair them."""
+    steps = []
+    for a, b in pairs:
+        ea, eb = summary.get(a), summary.get(b)
+        if ea is None or eb is None:
+            continue
+        da = ea.get("paired_diff", {s: 0.0 for s in ea["seeds"]})
+        db = eb.get("paired_diff", {s: 0.0 for s in eb["seeds"]})
+        common = [s for s in da if s in db]
+        steps.append(dict(higher=a, lower=b, seeds=common,
+                          stats=paired_stats([da[s] - db[s] for s in common])))
+    return steps
+
+
 def protocol_plan(methods, pcfg):
     """The grid each method is selected on: {name: (key, values)}; the methods that need none are absent."""
     plan = {}
@@ -813,6 +834,21 @@ def write_protocol_markdown(path, res):
         lines.append(f"| {name} | lr={e['settings']['lr']:g} {describe(e['settings'])} | {len(e['seeds'])} | "
                      f"{pct(e['val_mean'])} | {pct(e['test_mean'])} ± {pct(e['test_std'])} | {gain} | {pval} | "
                      f"{wtl} | {e['s_per_step']:.3f} |")
+    steps = res.get("ladder") or []
+    if steps:
+        lines.append("")
+        lines.append("## 3. The ladder, rung against rung (same seeds)")
+        lines.append("")
+        lines.append("Paired difference of test accuracy, higher rung − lower rung, on the evaluation seeds both ran: "
+                     "mean with a 95 % t-interval, two-sided Wilcoxon signed-rank p, W/T/L.")
+        lines.append("")
+        lines.append("| comparison | n | difference (pp) [95 % CI] | Wilcoxon p | W/T/L |")
+        lines.append("|---|---|---|---|---|")
+        for st in steps:
+            g = st["stats"]
+            diff, pval = fmt_gain(g)
+            lines.append(f"| {st['higher']} − {st['lower']} | {g['n']} | {diff} | {pval} | "
+                         f"{g['wins']}/{g['ties']}/{g['losses']} |")
     lines.append("")
     lines.append("Per-seed gains: paired_gains.png. torch {torch}, transformers {tr}, fastvat backend {b}.".format(
         torch=res["versions"]["torch"], tr=res["versions"]["transformers"], b=res["versions"]["fastvat_backend"]))
@@ -923,6 +959,7 @@ def run_protocol(ctx, methods, pcfg, store, out, res, t_start):
             r = cell("eval", name, fam, o, seed, o.get("lr", lr_star))
             res["runs"].append(r)
             res["summary"], _ = summarize(res["runs"], frozen)
+            res["ladder"] = ladder_steps(res["summary"])
             save()
             plot_gains(out / "paired_gains.png", res["summary"])
     bar.close()

@@ -89,6 +89,26 @@ def test_paired_stats_against_a_hand_computation():
     assert math.isnan(mod.paired_stats([0.0, 0.0])["wilcoxon_p"])
 
 
+
+def test_ladder_steps_pair_methods_through_their_gains_over_sup():
+    mod = _load_script()
+    acc = {"sup": {1: 0.70, 2: 0.72, 3: 0.75}, "noise": {1: 0.71, 2: 0.72, 3: 0.74},
+           "gp": {1: 0.74, 2: 0.73}, "vat_weight": {1: 0.76, 2: 0.75, 3: 0.78}}
+    summary = {"sup": {"seeds": [1, 2, 3]}}
+    for name in ("noise", "gp", "vat_weight"):
+        summary[name] = {"seeds": sorted(acc[name]),
+                         "paired_diff": {s: acc[name][s] - acc["sup"][s] for s in acc[name]}}
+    steps = {(st["higher"], st["lower"]): st for st in mod.ladder_steps(summary)}
+    # vat_output is absent, so its comparison is left out
+    assert set(steps) == {("noise", "sup"), ("gp", "noise"), ("vat_weight", "gp")}
+    assert steps[("noise", "sup")]["stats"]["mean"] == pytest.approx((0.01 + 0.0 - 0.01) / 3)
+    # gp ran seeds 1 and 2 only: those are the pairs, and sup cancels (0.74 - 0.71, 0.73 - 0.72)
+    gp = steps[("gp", "noise")]
+    assert gp["seeds"] == [1, 2] and gp["stats"]["mean"] == pytest.approx(0.02)
+    assert (gp["stats"]["wins"], gp["stats"]["losses"]) == (2, 0)
+    vat = steps[("vat_weight", "gp")]["stats"]
+    assert vat["mean"] == pytest.approx(0.02) and vat["n"] == 2
+
 @needs_data
 def test_experiment_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
