@@ -17,7 +17,6 @@ The GPU shapes are ≥ 64 M elements, far beyond L2, so no cache flush is needed
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -112,21 +111,6 @@ def _compile(ctx, dtype, fn, warm):
     if ctx.compile_deadline is not None and time.perf_counter() > ctx.compile_deadline:
         return None, "skipped (--budget spent)"
     return timing.try_compile(fn, warm, cap_s=ctx.compile_cap_s)
-
-
-def _with_env(fn, name, value):
-    """fn with an environment variable set during each call (the kernels read it per call)."""
-    def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-    return run
 
 
 def _compare(ctx, *, case, shape, dtype, baseline_name, baseline, fastvat_fn, compiled_fn=None,
@@ -247,13 +231,17 @@ def case_l2(ctx, dtype, norm):
 
 
 def _kl_variants(p, q):
-    """The CUDA kernel without the autograd wrapper, and each of its variants (FASTVAT_KL_VARIANT)."""
+    """The CUDA kernel without the autograd wrapper, and each of its kernel choices (through the
+    benchmark-only op _kl_div_with_logits_variant)."""
     def op():
         return torch.ops.fastvat.kl_div_with_logits(p, q.detach(), None, True)
 
+    def variant_op(variant):
+        return lambda: torch.ops.fastvat._kl_div_with_logits_variant(p, q.detach(), None, True, variant)
+
     out = {"op (loss+grad)": op}
     for variant in ("cached", "stream", "stream512"):
-        out[f"op {variant}"] = _with_env(op, "FASTVAT_KL_VARIANT", variant)
+        out[f"op {variant}"] = variant_op(variant)
     return out
 
 

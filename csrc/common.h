@@ -5,8 +5,10 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 
 namespace fastvat {
 
@@ -89,6 +91,63 @@ inline void check_kl_args(const at::Tensor& p, const at::Tensor& q, const c10::o
               " but q_logits is on ", q.device());
   TORCH_CHECK(mask->numel() == q.size(0), "fastvat: kl_div_with_logits: mask must have one entry per row (",
               q.size(0), "), got shape ", mask->sizes());
+}
+
+inline void check_index_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "fastvat: ", op, ": ", name,
+              " must be an int64 or int32 tensor of indices, got ", t.scalar_type());
+}
+
+// embedding_gather_add's arguments, on either backend: a floating 2-D [V, H] weight, a delta of
+// weight's dtype and width, int32/int64 ids and delta_index of one shape, everything on weight's
+// device, padding_idx -1 or a row of weight. The index values are checked by the kernels.
+inline void check_gather_add_args(const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& delta,
+                                  const at::Tensor& delta_index, int64_t padding_idx) {
+  check_floating(weight, "weight");
+  check_floating(delta, "delta");
+  TORCH_CHECK(weight.dim() == 2,
+              "fastvat: embedding_gather_add: weight must be 2-D [num_embeddings, dim], got shape ", weight.sizes());
+  TORCH_CHECK(delta.dim() == 2 && delta.size(1) == weight.size(1),
+              "fastvat: embedding_gather_add: delta must be 2-D [rows, ", weight.size(1),
+              "] to match weight, got shape ", delta.sizes());
+  TORCH_CHECK(delta.scalar_type() == weight.scalar_type(),
+              "fastvat: embedding_gather_add: delta must have weight's dtype ", weight.scalar_type(), ", got ",
+              delta.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&ids, "ids"}, {&delta, "delta"},
+                                {&delta_index, "delta_index"}}) {
+    TORCH_CHECK(t->device() == weight.device(), "fastvat: embedding_gather_add: ", name, " is on ", t->device(),
+                " but weight is on ", weight.device());
+  }
+  check_index_dtype(ids, "embedding_gather_add", "ids");
+  check_index_dtype(delta_index, "embedding_gather_add", "delta_index");
+  TORCH_CHECK(delta_index.sizes() == ids.sizes(), "fastvat: embedding_gather_add: delta_index has shape ",
+              delta_index.sizes(), " but ids has shape ", ids.sizes());
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < weight.size(0),
+              "fastvat: embedding_gather_add: padding_idx must be -1 or in [0, ", weight.size(0), "), got ",
+              padding_idx);
+}
+
+// embedding_gather_add_backward's arguments, on either backend: a floating grad of shape
+// ids.shape + [H], int32/int64 ids and delta_index of one shape on grad's device, row counts >= 0,
+// padding_idx -1 or a row of the weight gradient.
+inline void check_gather_add_backward_args(const at::Tensor& grad, const at::Tensor& ids,
+                                           const at::Tensor& delta_index, int64_t num_weight_rows,
+                                           int64_t num_delta_rows, int64_t padding_idx) {
+  check_floating(grad, "grad");
+  TORCH_CHECK(grad.dim() == ids.dim() + 1 && grad.sizes().slice(0, ids.dim()) == ids.sizes(),
+              "fastvat: embedding_gather_add_backward: grad must have shape ids.shape + [dim], got ", grad.sizes(),
+              " for ids of shape ", ids.sizes());
+  TORCH_CHECK(delta_index.sizes() == ids.sizes(), "fastvat: embedding_gather_add_backward: delta_index has shape ",
+              delta_index.sizes(), " but ids has shape ", ids.sizes());
+  TORCH_CHECK(ids.device() == grad.device() && delta_index.device() == grad.device(),
+              "fastvat: embedding_gather_add_backward: ids and delta_index must be on grad's device ", grad.device());
+  check_index_dtype(ids, "embedding_gather_add_backward", "ids");
+  check_index_dtype(delta_index, "embedding_gather_add_backward", "delta_index");
+  TORCH_CHECK(num_weight_rows >= 0 && num_delta_rows >= 0,
+              "fastvat: embedding_gather_add_backward: num_weight_rows and num_delta_rows must be >= 0");
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < std::max<int64_t>(num_weight_rows, 1),
+              "fastvat: embedding_gather_add_backward: padding_idx must be -1 or in [0, ", num_weight_rows, "), got ",
+              padding_idx);
 }
 
 }  // namespace fastvat

@@ -1,6 +1,6 @@
 // The one place where every fastvat op schema is declared.
 // Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu and register themselves
-// with TORCH_LIBRARY_IMPL; fake (meta) kernels and autograd live in fastvat/ops.py.
+// with TORCH_LIBRARY_IMPL; fake (meta) kernels and autograd live in fastvat/ops/.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -22,6 +22,11 @@ TORCH_LIBRARY(fastvat, m) {
   // grad is an empty tensor when compute_grad is false. mask: optional float [N].
   m.def(
       "kl_div_with_logits(Tensor p_logits, Tensor q_logits, Tensor? mask, bool compute_grad) -> (Tensor, Tensor)");
+  // For benchmarks only (CUDA kernel only, no fake kernel or autograd): kl_div_with_logits with the
+  // kernel named by variant ("auto", as kl_div_with_logits, "cached", "stream" or "stream512"; see
+  // KlVariant in csrc/cuda/kl_div.cu). Same results up to the order of the float sums.
+  m.def(
+      "_kl_div_with_logits_variant(Tensor p_logits, Tensor q_logits, Tensor? mask, bool compute_grad, str variant) -> (Tensor, Tensor)");
 
   // out[n] = weight[ids[n]] + delta[delta_index[n]]  (out-of-place embedding-weight perturbation).
   // padding_idx (-1 for none) only matters to the backward, as in F.embedding.

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastvat import ops
 from fastvat import reference as ref
 
-from op_helpers import COMPILED, CPU_KERNELS, DEVICES, DTYPE_IDS, DTYPES, assert_close, randn, require_kernels
+from op_helpers import COMPILED, CPU_KERNELS, CUDA, DEVICES, DTYPE_IDS, DTYPES, assert_close, randn, require_kernels
 
 # (1, 131072) and (3, 200003) take the CPU kernel's column-span split (<= 4 rows of >= 64k classes)
 KL_SHAPES = [(5, 7), (64, 1023), (3, 32000), (1, 131072), (3, 200003), (2, 3, 17), (4, 1)]
@@ -245,3 +245,32 @@ def test_opcheck_kl(device):
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.fastvat.kl_div_with_logits.default, (p, q, mask, True))
     torch.library.opcheck(torch.ops.fastvat.kl_div_with_logits.default, (p, q.detach(), None, False))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA is not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 5000), (2, 20001)], ids=lambda s: "x".join(map(str, s)))
+def test_kl_kernel_variants_cuda(dtype, shape):
+    """The benchmark-only op's kernel choices agree with the reference; "auto" is kl_div_with_logits
+    bit for bit, and an unknown choice is an error."""
+    require_kernels("cuda")
+    p = randn(*shape, dtype=dtype, device="cuda", scale=2.0)
+    q = randn(*shape, dtype=dtype, device="cuda", seed=1, scale=2.0)
+    mask = torch.ones(shape[0], dtype=torch.float32, device="cuda")
+    mask[-1] = 0.0
+    rows_ref = ref.kl_div_with_logits(p, q, mask=mask.bool(), reduction="none")
+    grad_ref = (torch.softmax(q.float(), -1) - torch.softmax(p.float(), -1)) * mask[:, None]
+    variant_op = torch.ops.fastvat._kl_div_with_logits_variant
+    for want_grad in (True, False):
+        auto = torch.ops.fastvat.kl_div_with_logits(p, q, mask, want_grad)
+        for variant in ("auto", "cached", "stream", "stream512"):
+            rows, grad = variant_op(p, q, mask, want_grad, variant)
+            if variant == "auto":
+                assert torch.equal(rows, auto[0]) and torch.equal(grad, auto[1])
+            torch.testing.assert_close(rows.double(), rows_ref.double(), rtol=1e-4, atol=1e-6)
+            if want_grad:
+                assert_close(grad, grad_ref.to(dtype), dtype, scale=grad_ref.abs().max().item())
+            else:
+                assert grad.numel() == 0
+    with pytest.raises(RuntimeError, match="variant"):
+        variant_op(p, q, None, False, "fast")

@@ -20,18 +20,15 @@ namespace fastvat {
 namespace cpu {
 namespace {
 
-at::Tensor as_long_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "fastvat: ", name,
-              " must be an int64 or int32 tensor of indices, got ", t.scalar_type());
-  return t.to(at::kLong).contiguous().reshape({-1});
-}
+// An index tensor (dtype checked by check_gather_add*_args) as a flat int64 tensor.
+at::Tensor as_long_index(const at::Tensor& t) { return t.to(at::kLong).contiguous().reshape({-1}); }
 
-void check_index_range(const at::Tensor& idx, int64_t rows, const char* name, const char* table) {
+void check_index_range(const at::Tensor& idx, int64_t rows, const char* op, const char* name, const char* table) {
   const int64_t* ix = idx.const_data_ptr<int64_t>();
   const int64_t n = idx.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(ix[i] >= 0 && ix[i] < rows, "fastvat: ", name, " contains ", ix[i], " (at flat position ", i,
-                      "), out of range for ", table, " with ", rows, " rows");
+    TORCH_CHECK_INDEX(ix[i] >= 0 && ix[i] < rows, "fastvat: ", op, ": ", name, " contains ", ix[i],
+                      " (at flat position ", i, "), out of range for ", table, " with ", rows, " rows");
   }
 }
 
@@ -93,28 +90,12 @@ void segment_sum_kernel(const T* grad, const int64_t* idx, int64_t N, int64_t H,
 
 at::Tensor embedding_gather_add_cpu(const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& delta,
                                     const at::Tensor& delta_index, int64_t padding_idx) {
-  check_floating(weight, "weight");
-  check_floating(delta, "delta");
-  TORCH_CHECK(weight.dim() == 2, "fastvat: embedding_gather_add: weight must be 2-D [num_embeddings, dim], got shape ",
-              weight.sizes());
-  TORCH_CHECK(delta.dim() == 2 && delta.size(1) == weight.size(1), "fastvat: embedding_gather_add: delta must be 2-D [rows, ",
-              weight.size(1), "] to match weight, got shape ", delta.sizes());
-  TORCH_CHECK(delta.scalar_type() == weight.scalar_type(), "fastvat: embedding_gather_add: delta must have weight's dtype ",
-              weight.scalar_type(), ", got ", delta.scalar_type());
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{ids, "ids"}, {delta, "delta"},
-                                {delta_index, "delta_index"}}) {
-    TORCH_CHECK(t.device() == weight.device(), "fastvat: embedding_gather_add: ", name, " is on ", t.device(),
-                " but weight is on ", weight.device());
-  }
-  TORCH_CHECK(delta_index.sizes() == ids.sizes(), "fastvat: embedding_gather_add: delta_index has shape ",
-              delta_index.sizes(), " but ids has shape ", ids.sizes());
+  check_gather_add_args(weight, ids, delta, delta_index, padding_idx);
   const int64_t V = weight.size(0), U = delta.size(0), H = weight.size(1);
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < V, "fastvat: embedding_gather_add: padding_idx must be -1 or in [0, ",
-              V, "), got ", padding_idx);
-  const at::Tensor idx = as_long_index(ids, "ids");
-  const at::Tensor didx = as_long_index(delta_index, "delta_index");
-  check_index_range(idx, V, "ids", "weight");
-  check_index_range(didx, U, "delta_index", "delta");
+  const at::Tensor idx = as_long_index(ids);
+  const at::Tensor didx = as_long_index(delta_index);
+  check_index_range(idx, V, "embedding_gather_add", "ids", "weight");
+  check_index_range(didx, U, "embedding_gather_add", "delta_index", "delta");
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(H);
   at::Tensor out = at::empty(shape, weight.options().memory_format(at::MemoryFormat::Contiguous));
@@ -134,27 +115,15 @@ std::tuple<at::Tensor, at::Tensor> embedding_gather_add_backward_cpu(const at::T
                                                                      int64_t num_weight_rows, int64_t num_delta_rows,
                                                                      int64_t padding_idx, bool need_weight_grad,
                                                                      bool need_delta_grad) {
-  check_floating(grad, "grad");
-  TORCH_CHECK(grad.dim() == ids.dim() + 1 && grad.sizes().slice(0, ids.dim()) == ids.sizes(),
-              "fastvat: embedding_gather_add_backward: grad must have shape ids.shape + [dim], got ", grad.sizes(),
-              " for ids of shape ", ids.sizes());
-  TORCH_CHECK(delta_index.sizes() == ids.sizes(), "fastvat: embedding_gather_add_backward: delta_index has shape ",
-              delta_index.sizes(), " but ids has shape ", ids.sizes());
-  TORCH_CHECK(ids.device() == grad.device() && delta_index.device() == grad.device(),
-              "fastvat: embedding_gather_add_backward: ids and delta_index must be on grad's device ", grad.device());
-  TORCH_CHECK(num_weight_rows >= 0 && num_delta_rows >= 0,
-              "fastvat: embedding_gather_add_backward: num_weight_rows and num_delta_rows must be >= 0");
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < std::max<int64_t>(num_weight_rows, 1),
-              "fastvat: embedding_gather_add_backward: padding_idx must be -1 or in [0, ", num_weight_rows, "), got ",
-              padding_idx);
+  check_gather_add_backward_args(grad, ids, delta_index, num_weight_rows, num_delta_rows, padding_idx);
   const int64_t H = grad.size(-1);
   const int64_t N = ids.numel();
   const at::Tensor g = grad.contiguous();
   at::Tensor gw = at::empty({0}, grad.options());
   at::Tensor gd = at::empty({0}, grad.options());
   if (need_weight_grad) {
-    const at::Tensor idx = as_long_index(ids, "ids");
-    check_index_range(idx, num_weight_rows, "ids", "the weight gradient");
+    const at::Tensor idx = as_long_index(ids);
+    check_index_range(idx, num_weight_rows, "embedding_gather_add_backward", "ids", "the weight gradient");
     gw = at::empty({num_weight_rows, H}, grad.options());
     if (gw.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastvat_gather_add_bwd_w", [&] {
@@ -164,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_gather_add_backward_cpu(const at::T
     }
   }
   if (need_delta_grad) {
-    const at::Tensor didx = as_long_index(delta_index, "delta_index");
-    check_index_range(didx, num_delta_rows, "delta_index", "the delta gradient");
+    const at::Tensor didx = as_long_index(delta_index);
+    check_index_range(didx, num_delta_rows, "embedding_gather_add_backward", "delta_index", "the delta gradient");
     gd = at::empty({num_delta_rows, H}, grad.options());
     if (gd.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastvat_gather_add_bwd_d", [&] {

@@ -115,36 +115,53 @@ struct MaskIndex {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Reductions. Butterfly (xor) shuffles leave the identical value in every lane, and the block
-// versions reduce the per-warp values in a fixed order, so every thread of a block gets the same
-// bits and the result does not depend on timing.
+// Reductions, templated on the operation (SumOp, MaxOp: identity() and combine(mine, other)).
+// Butterfly (xor) shuffles leave the identical value in every lane, and the block version reduces
+// the per-warp values in a fixed order, so every thread of a block gets the same bits and the result
+// does not depend on timing.
 // ---------------------------------------------------------------------------------------------
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    A w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = w > v ? w : v;
+struct SumOp {
+  template <typename A>
+  __device__ __forceinline__ static A identity() {
+    return A(0);
   }
-  return v;
+  template <typename A>
+  __device__ __forceinline__ static A combine(A mine, A other) {
+    return mine + other;
+  }
+};
+
+struct MaxOp {
+  template <typename A>
+  __device__ __forceinline__ static A identity() {
+    return -std::numeric_limits<A>::infinity();
+  }
+  // Not for NaN inputs: a NaN `mine` is kept and a NaN `other` dropped, so the lanes of a butterfly
+  // would disagree (the KL row maxima, its only use, are never NaN).
+  template <typename A>
+  __device__ __forceinline__ static A combine(A mine, A other) {
+    return other > mine ? other : mine;
+  }
+};
+
+// K reductions at once over a warp; every lane gets the results.
+template <typename Op, typename A, int K>
+__device__ __forceinline__ void warp_reduce(A (&v)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[k] = Op::combine(v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
+  }
 }
 
-// K sums at once over the whole block; smem must hold 32 * K values. Every thread gets the result.
-// blockDim.x must be a multiple of 32.
-template <typename A, int K>
-__device__ __forceinline__ void block_sum(A (&v)[K], A* smem) {
+// K reductions at once over the whole block; smem must hold 32 * K values. Every thread gets the
+// results. blockDim.x must be a multiple of 32.
+template <typename Op, typename A, int K>
+__device__ __forceinline__ void block_reduce(A (&v)[K], A* smem) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  warp_reduce<Op>(v);
   __syncthreads();  // smem may still be read by a previous reduction
   if (lane == 0) {
 #pragma unroll
@@ -152,36 +169,18 @@ __device__ __forceinline__ void block_sum(A (&v)[K], A* smem) {
   }
   __syncthreads();
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < nwarps ? smem[k * 32 + lane] : A(0));
+  for (int k = 0; k < K; ++k) v[k] = lane < nwarps ? smem[k * 32 + lane] : Op::template identity<A>();
+  warp_reduce<Op>(v);
 }
 
-template <typename A, int K>
-__device__ __forceinline__ void block_max(A (&v)[K], A* smem) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_max(v[k]);
-  __syncthreads();
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) smem[k * 32 + warp] = v[k];
+// A reduction over a team of TEAM threads: one warp (TEAM == 32, smem unused) or the whole block.
+template <int TEAM, typename Op, typename A, int K>
+__device__ __forceinline__ void team_reduce(A (&v)[K], A* smem) {
+  if constexpr (TEAM == 32) {
+    warp_reduce<Op>(v);
+  } else {
+    block_reduce<Op>(v, smem);
   }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_max(lane < nwarps ? smem[k * 32 + lane] : -std::numeric_limits<A>::infinity());
-}
-
-template <typename A, int K>
-__device__ __forceinline__ void warp_sum_k(A (&v)[K]) {
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
-}
-
-template <typename A, int K>
-__device__ __forceinline__ void warp_max_k(A (&v)[K]) {
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_max(v[k]);
 }
 
 // Sum of a small array of partials (ws[0..n)) by the whole block, in a fixed order; every thread
@@ -190,7 +189,7 @@ template <typename A>
 __device__ __forceinline__ A block_sum_array(const A* ws, int64_t n, A* smem) {
   A s[1] = {A(0)};
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s[0] += ws[i];
-  block_sum<A, 1>(s, smem);
+  block_reduce<SumOp>(s, smem);
   return s[0];
 }
 
@@ -209,11 +208,12 @@ __device__ __forceinline__ float fast_exp<float>(float x) {
 // ---------------------------------------------------------------------------------------------
 // L2 norm factors that hold over the whole range of the input type.
 //
-// The kernels sum squares in A (acc_t) first, as they always did. That sum is trusted when it is
-// finite and at least count * min<A> * 2^digits: squares that underflowed (each below min<A>) then
-// change it by less than A's rounding. A group whose sum is not trusted (tiny or huge values, an
-// all-zero group, NaN/Inf) is summed again by the Robust accumulator below, whose squares cannot
-// under- or overflow. Either way the group's norm ends up as 2^k * sqrt(ss) with ss a moderate double.
+// The kernels sum squares in A (acc_t) first: one cheap pass, and on ordinary data the norm comes
+// from that plain sum. It is trusted when it is finite and at least count * min<A> * 2^digits:
+// squares that underflowed (each below min<A>) then change it by less than A's rounding. A group
+// whose sum is not trusted (tiny or huge values, an all-zero group, NaN/Inf) is summed again by the
+// Robust accumulator below, whose squares cannot under- or overflow. Either way the group's norm
+// ends up as 2^k * sqrt(ss) with ss a moderate double.
 // ---------------------------------------------------------------------------------------------
 template <typename A>
 __host__ __device__ __forceinline__ bool sumsq_trusted(A ss, int64_t count) {
@@ -292,7 +292,7 @@ struct Robust<double> {
   }
 };
 
-// out = v * f in A (bit for bit the former arithmetic) when f = scale / ||v|| is a normal A;
+// out = v * f in A (the plain formula, which ordinary data takes) when f = scale / ||v|| is a normal A;
 // otherwise out = ((v * p1) * p2) * g in double, with ||v|| = m 2^E (m in [1, 2)), p1 * p2 = 2^-E
 // (two factors, each a normal double) and g = scale / m: neither g nor v * 2^-E (below 2) leaves
 // double's range. That result is rounded to A, then to the output type, as on the CPU.
@@ -323,7 +323,8 @@ __device__ __forceinline__ Factor<A> factor_of_norm(int k, double ss, double sca
   const double m2 = 2.0 * ::frexp(r, &er);  // r = m2 * 2^(er - 1), m2 in [1, 2)
   const int e = k + er - 1;                 // ||v|| = m2 * 2^e
   const double g = scale / m2;
-  // k == 0 keeps the former expression scale / sqrt(ss) (the same double either way when normal)
+  // k == 0 (a plain or middle-range sum): scale / sqrt(ss), as plain_factor computes it; ldexp(g, -e) is
+  // the same double whenever that is normal
   const double f = k == 0 ? scale / r : ::ldexp(g, -e);
   const A fa_f = static_cast<A>(f);
   if (::isfinite(fa_f) && ::fabs(fa_f) >= std::numeric_limits<A>::min()) {
@@ -371,7 +372,7 @@ __device__ __forceinline__ void block_sum_array_k(const double* ws, int64_t n, d
 #pragma unroll
     for (int c = 0; c < K; ++c) out[c] += ws[i * K + c];
   }
-  block_sum<double, K>(out, smem);
+  block_reduce<SumOp>(out, smem);
 }
 
 // [a, e) = head scalars [a, h), VEC-vectors [h, be), tail scalars [be, e); indices that are

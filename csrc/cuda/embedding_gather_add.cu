@@ -106,27 +106,8 @@ void gather_dispatch(const at::Tensor& weight, const at::Tensor& ids, const at::
 at::Tensor embedding_gather_add_cuda(const at::Tensor& weight_in, const at::Tensor& ids_in,
                                      const at::Tensor& delta_in, const at::Tensor& di_in, int64_t padding_idx) {
   // padding_idx only matters to the backward; it is range-checked here as on the CPU.
-  check_floating(weight_in, "weight");
-  check_floating(delta_in, "delta");
   TORCH_CHECK(weight_in.is_cuda(), "fastvat.embedding_gather_add: weight must be a CUDA tensor");
-  TORCH_CHECK(weight_in.dim() == 2, "fastvat.embedding_gather_add: weight must be 2-D");
-  TORCH_CHECK(delta_in.dim() == 2 && delta_in.size(1) == weight_in.size(1),
-              "fastvat.embedding_gather_add: delta must be [rows, ", weight_in.size(1), "]");
-  TORCH_CHECK(delta_in.scalar_type() == weight_in.scalar_type(),
-              "fastvat.embedding_gather_add: delta must have weight's dtype");
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&ids_in, "ids"}, {&delta_in, "delta"},
-                                {&di_in, "delta_index"}}) {
-    TORCH_CHECK(t->device() == weight_in.device(), "fastvat.embedding_gather_add: ", name, " is on ", t->device(),
-                " but weight is on ", weight_in.device());
-  }
-  TORCH_CHECK(ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt,
-              "fastvat.embedding_gather_add: ids must be int32 or int64");
-  TORCH_CHECK(di_in.scalar_type() == at::kLong || di_in.scalar_type() == at::kInt,
-              "fastvat.embedding_gather_add: delta_index must be int32 or int64");
-  TORCH_CHECK(di_in.sizes() == ids_in.sizes(), "fastvat.embedding_gather_add: delta_index must have ids' shape");
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < weight_in.size(0),
-              "fastvat.embedding_gather_add: padding_idx must be -1 or in [0, ", weight_in.size(0), "), got ",
-              padding_idx);
+  check_gather_add_args(weight_in, ids_in, delta_in, di_in, padding_idx);
   c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor delta = delta_in.contiguous();
@@ -295,24 +276,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_gather_add_backward_cuda(const at::
                                                                       const at::Tensor& di, int64_t num_weight_rows,
                                                                       int64_t num_delta_rows, int64_t padding_idx,
                                                                       bool need_weight_grad, bool need_delta_grad) {
-  check_floating(grad_in, "grad");
   TORCH_CHECK(grad_in.is_cuda(), "fastvat.embedding_gather_add_backward: grad must be a CUDA tensor");
-  TORCH_CHECK(grad_in.dim() >= 1, "fastvat.embedding_gather_add_backward: grad must have a hidden dim");
-  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-              "fastvat.embedding_gather_add_backward: ids must be int32 or int64");
-  TORCH_CHECK(di.scalar_type() == at::kLong || di.scalar_type() == at::kInt,
-              "fastvat.embedding_gather_add_backward: delta_index must be int32 or int64");
-  TORCH_CHECK(ids.device() == grad_in.device() && di.device() == grad_in.device(),
-              "fastvat.embedding_gather_add_backward: all tensors on one device");
-  TORCH_CHECK(num_weight_rows >= 0 && num_delta_rows >= 0, "fastvat.embedding_gather_add_backward: negative row count");
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < std::max<int64_t>(num_weight_rows, 1),
-              "fastvat.embedding_gather_add_backward: padding_idx must be -1 or in [0, ", num_weight_rows, "), got ",
-              padding_idx);
-  TORCH_CHECK(grad_in.dim() == ids.dim() + 1 && grad_in.sizes().slice(0, ids.dim()) == ids.sizes(),
-              "fastvat.embedding_gather_add_backward: grad must have shape ids.shape + [dim], got ", grad_in.sizes(),
-              " for ids of shape ", ids.sizes());
-  TORCH_CHECK(di.sizes() == ids.sizes(), "fastvat.embedding_gather_add_backward: delta_index has shape ", di.sizes(),
-              " but ids has shape ", ids.sizes());
+  check_gather_add_backward_args(grad_in, ids, di, num_weight_rows, num_delta_rows, padding_idx);
   c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t H = grad_in.size(-1);
   const int64_t N = ids.numel();

@@ -13,8 +13,10 @@
 //
 // Rows up to 2048 16-byte vectors (fp32 C <= 8192, bf16 C <= 16384) stay on chip between the
 // passes (p in registers, q in shared memory); longer rows are read again in pass 2, backwards,
-// by one 1024-thread block per multiprocessor so that most of the row is still in L2
-// (FASTVAT_KL_VARIANT picks other variants for benchmarking, see kl_variant).
+// by one 1024-thread block per multiprocessor so that most of the row is still in L2. The two are
+// separate kernels (kl_rows_cached_kernel, kl_rows_streamed_kernel) sharing the row prologue and
+// epilogue. Other kernel choices exist for benchmarks only, through the op
+// _kl_div_with_logits_variant (see KlVariant).
 // Masked rows (mask == 0) are not read.
 #include "common.h"
 #include "cuda/cuda_utils.cuh"
@@ -22,7 +24,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -125,28 +126,11 @@ struct Final {
   }
 };
 
-template <int TEAM, typename A, int K>
-__device__ __forceinline__ void team_sum(A (&v)[K], A* smem) {
-  if constexpr (TEAM == 32) {
-    warp_sum_k<A, K>(v);
-  } else {
-    block_sum<A, K>(v, smem);
-  }
-}
-template <int TEAM, typename A, int K>
-__device__ __forceinline__ void team_max(A (&v)[K], A* smem) {
-  if constexpr (TEAM == 32) {
-    warp_max_k<A, K>(v);
-  } else {
-    block_max<A, K>(v, smem);
-  }
-}
-
 template <int TEAM, typename A>
 __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem) {
   constexpr A ninf = -std::numeric_limits<A>::infinity();
   A mx[2] = {st.mp, st.mq};
-  team_max<TEAM, A, 2>(mx, smem);
+  team_reduce<TEAM, MaxOp>(mx, smem);
   const A cp = st.mp == ninf ? A(0) : fast_exp(st.mp - mx[0]);
   const A cq = st.mq == ninf ? A(0) : fast_exp(st.mq - mx[1]);
   // each thread's S moved to the row's maxima (as in Online::add; nothing from a thread whose weights
@@ -154,7 +138,7 @@ __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem)
   const A sp =
       st.zp > A(0) && cp > A(0) ? (st.sp + ((mx[1] - st.mq) - (mx[0] - st.mp)) * st.zp) * cp : A(0);
   A s[3] = {st.zp * cp, sp, st.zq * cq};
-  team_sum<TEAM, A, 3>(s, smem);
+  team_reduce<TEAM, SumOp>(s, smem);
   Final<A> f;
   f.mp = mx[0];
   f.mq = mx[1];
@@ -178,239 +162,325 @@ __device__ __forceinline__ void to_acc(const Pack<T, VEC>& p, acc_t<T> (&v)[VEC]
   for (int k = 0; k < VEC; ++k) v[k] = static_cast<acc_t<T>>(p.val[k]);
 }
 
-// Two 512-thread streaming blocks per multiprocessor (registers capped at 64), else one.
-template <int VPT, int THREADS>
-constexpr int kl_min_blocks() {
-  return VPT == 0 && THREADS == 512 ? 2 : 1;
+// One team's row: the thread's index in the team, the row, and the row's split into head scalars
+// [a, sp.h), nb VEC-vectors [sp.h, sp.be) and tail scalars [sp.be, a + C).
+struct KlRow {
+  int tid;
+  int64_t r, a;
+  Span sp;
+  int64_t nb;
+  int head, tail;
+};
+
+template <int VEC, int TEAM, int THREADS>
+__device__ __forceinline__ KlRow kl_row(int64_t C) {
+  KlRow row;
+  row.tid = TEAM == 32 ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
+  row.r = TEAM == 32 ? static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + (threadIdx.x >> 5)
+                     : static_cast<int64_t>(blockIdx.x);
+  row.a = row.r * C;
+  const int64_t e = row.a + C;
+  row.sp = split_span<VEC>(row.a, e);
+  row.nb = (row.sp.be - row.sp.h) / VEC;
+  row.head = static_cast<int>(row.sp.h - row.a);
+  row.tail = static_cast<int>(e - row.sp.be);
+  return row;
 }
 
-template <typename T, int VEC, int TEAM, int VPT, int THREADS>
-__global__ void __launch_bounds__(THREADS, (kl_min_blocks<VPT, THREADS>()))
-    kl_rows_kernel(const T* __restrict__ P, const T* __restrict__ Q, T* __restrict__ Gd,
-                   const acc_t<T>* __restrict__ M, acc_t<T>* __restrict__ rows, int64_t N, int64_t C) {
-  using A = acc_t<T>;
-  constexpr int U = 2;  // vectors per tensor in flight per thread in the uncached loops
-  __shared__ A smem[32 * 3];
-  const int tid = TEAM == 32 ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
-  const int64_t r = TEAM == 32 ? static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + (threadIdx.x >> 5)
-                               : static_cast<int64_t>(blockIdx.x);
-  if (r >= N) return;
-  const int64_t a = r * C;
-  const int64_t e = a + C;
-  const Span sp = split_span<VEC>(a, e);
-  const int64_t nb = (sp.be - sp.h) / VEC;
-  const int head = static_cast<int>(sp.h - a);
-  const int tail = static_cast<int>(e - sp.be);
-  const bool want_grad = Gd != nullptr;
-
-  const A mm = M != nullptr ? M[r] : A(1);
-  if (mm == A(0)) {  // masked row: zero loss and gradient, no reads
-    if (tid == 0) rows[r] = A(0);
-    if (want_grad) {
-      Pack<T, VEC> z;
+// A masked row (mask == 0): zero loss and gradient, without reading the logits.
+template <typename T, int VEC, int TEAM>
+__device__ __forceinline__ void kl_zero_row(const KlRow& row, T* __restrict__ Gd, acc_t<T>* __restrict__ rows) {
+  if (row.tid == 0) rows[row.r] = acc_t<T>(0);
+  if (Gd != nullptr) {
+    Pack<T, VEC> z;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z.val[k] = static_cast<T>(0.0f);
-      for (int64_t k = tid; k < nb; k += TEAM) store_pack<T, VEC>(Gd + sp.h + k * VEC, z);
-      if (tid < head) Gd[a + tid] = static_cast<T>(0.0f);
-      if (tid < tail) Gd[sp.be + tid] = static_cast<T>(0.0f);
-    }
+    for (int k = 0; k < VEC; ++k) z.val[k] = static_cast<T>(0.0f);
+    for (int64_t k = row.tid; k < row.nb; k += TEAM) store_pack<T, VEC>(Gd + row.sp.h + k * VEC, z);
+    if (row.tid < row.head) Gd[row.a + row.tid] = static_cast<T>(0.0f);
+    if (row.tid < row.tail) Gd[row.sp.be + row.tid] = static_cast<T>(0.0f);
+  }
+}
+
+// This thread's head and tail scalars of the row (zeros where it has none); kept in registers
+// for both passes.
+template <typename A>
+struct KlEdges {
+  A hp, hq, tp, tq;
+};
+
+template <typename T>
+__device__ __forceinline__ KlEdges<acc_t<T>> kl_load_edges(const KlRow& row, const T* __restrict__ P,
+                                                           const T* __restrict__ Q) {
+  using A = acc_t<T>;
+  KlEdges<A> ed{A(0), A(0), A(0), A(0)};
+  if (row.tid < row.head) {
+    ed.hp = static_cast<A>(P[row.a + row.tid]);
+    ed.hq = static_cast<A>(Q[row.a + row.tid]);
+  }
+  if (row.tid < row.tail) {
+    ed.tp = static_cast<A>(P[row.sp.be + row.tid]);
+    ed.tq = static_cast<A>(Q[row.sp.be + row.tid]);
+  }
+  return ed;
+}
+
+// Pass 1 of the head and tail scalars (after the vectors).
+template <typename A>
+__device__ __forceinline__ void kl_add_edges(const KlRow& row, const KlEdges<A>& ed, Online<A>& st) {
+  if (row.tid < row.head) st.add1(ed.hp, ed.hq);
+  if (row.tid < row.tail) st.add1(ed.tp, ed.tq);
+}
+
+// Pass 2 of the head and tail scalars (after the vectors), then the row's loss: the team's sum of
+// the KL terms, times the mask.
+template <int TEAM, typename T>
+__device__ __forceinline__ void kl_finish_row(const KlRow& row, const KlEdges<acc_t<T>>& ed,
+                                              const Final<acc_t<T>>& f, acc_t<T> (&kl)[1], T* __restrict__ Gd,
+                                              acc_t<T>* __restrict__ rows, acc_t<T>* smem) {
+  using A = acc_t<T>;
+  if (row.tid < row.head) {
+    const A g = f.grad(ed.hp, ed.hq, kl[0]);
+    if (Gd != nullptr) Gd[row.a + row.tid] = static_cast<T>(g);
+  }
+  if (row.tid < row.tail) {
+    const A g = f.grad(ed.tp, ed.tq, kl[0]);
+    if (Gd != nullptr) Gd[row.sp.be + row.tid] = static_cast<T>(g);
+  }
+  team_reduce<TEAM, SumOp>(kl, smem);
+  if (row.tid == 0) rows[row.r] = kl[0] * f.mm;
+}
+
+// Rows of at most TEAM * VPT vectors, held on chip between the passes: p's vectors in registers,
+// q's in this thread's own slots of dynamic shared memory (both in registers would spill); no
+// barrier needed, each thread reads back what it wrote. Pass 2 always runs (the loss comes from it).
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+__global__ void __launch_bounds__(THREADS, 1)
+    kl_rows_cached_kernel(const T* __restrict__ P, const T* __restrict__ Q, T* __restrict__ Gd,
+                          const acc_t<T>* __restrict__ M, acc_t<T>* __restrict__ rows, int64_t N, int64_t C) {
+  static_assert(VPT > 0, "a cached row needs at least one vector per thread");
+  using A = acc_t<T>;
+  __shared__ A smem[32 * 3];
+  const KlRow row = kl_row<VEC, TEAM, THREADS>(C);
+  if (row.r >= N) return;  // whole warp (TEAM 32) or whole block: no reduction is left waiting
+  const A mm = M != nullptr ? M[row.r] : A(1);
+  if (mm == A(0)) {
+    kl_zero_row<T, VEC, TEAM>(row, Gd, rows);
     return;
   }
+  const KlEdges<A> ed = kl_load_edges<T>(row, P, Q);
+
+  extern __shared__ __align__(16) unsigned char kl_dyn_smem[];
+  Pack<T, VEC>* cq = reinterpret_cast<Pack<T, VEC>*>(kl_dyn_smem) + threadIdx.x;
+  Pack<T, VEC> cp[VPT];
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
+    if (k < row.nb) {
+      cp[s] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
+      cq[s * THREADS] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
+    }
+  }
+  Online<A> st;
+  st.init();
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
+    if (k < row.nb) {
+      A pv[VEC], qv[VEC];
+      to_acc<T, VEC>(cp[s], pv);
+      to_acc<T, VEC>(cq[s * THREADS], qv);
+      st.add<VEC>(pv, qv);
+    }
+  }
+  kl_add_edges(row, ed, st);
+  const Final<A> f = finalize<TEAM, A>(st, mm, smem);
+
+  A kl[1] = {f.kl_init()};
+#pragma unroll
+  for (int s = 0; s < VPT; ++s) {
+    const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
+    if (k < row.nb) {
+      A pv[VEC], qv[VEC];
+      to_acc<T, VEC>(cp[s], pv);
+      to_acc<T, VEC>(cq[s * THREADS], qv);
+      Pack<T, VEC> g;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
+      if (Gd != nullptr) store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+    }
+  }
+  kl_finish_row<TEAM, T>(row, ed, f, kl, Gd, rows, smem);
+}
+
+// Two 512-thread streaming blocks per multiprocessor (registers capped at 64), else one.
+template <int THREADS>
+constexpr int kl_streamed_min_blocks() {
+  return THREADS == 512 ? 2 : 1;
+}
+
+// Rows of any length, read from global memory in each pass. Without the gradient the loss comes
+// from pass 1's statistics alone; with it, pass 2 walks the row backwards so that the vectors read
+// last in pass 1 (most likely still in L2) are read first.
+template <typename T, int VEC, int TEAM, int THREADS>
+__global__ void __launch_bounds__(THREADS, (kl_streamed_min_blocks<THREADS>()))
+    kl_rows_streamed_kernel(const T* __restrict__ P, const T* __restrict__ Q, T* __restrict__ Gd,
+                            const acc_t<T>* __restrict__ M, acc_t<T>* __restrict__ rows, int64_t N, int64_t C) {
+  using A = acc_t<T>;
+  constexpr int U = 2;  // vectors per tensor in flight per thread
+  constexpr int64_t step = TEAM;
+  __shared__ A smem[32 * 3];
+  const KlRow row = kl_row<VEC, TEAM, THREADS>(C);
+  if (row.r >= N) return;  // whole warp (TEAM 32) or whole block: no reduction is left waiting
+  const A mm = M != nullptr ? M[row.r] : A(1);
+  if (mm == A(0)) {
+    kl_zero_row<T, VEC, TEAM>(row, Gd, rows);
+    return;
+  }
+  const KlEdges<A> ed = kl_load_edges<T>(row, P, Q);
 
   Online<A> st;
   st.init();
-  A hp = A(0), hq = A(0), tp = A(0), tq = A(0);
-  if (tid < head) {
-    hp = static_cast<A>(P[a + tid]);
-    hq = static_cast<A>(Q[a + tid]);
-  }
-  if (tid < tail) {
-    tp = static_cast<A>(P[sp.be + tid]);
-    tq = static_cast<A>(Q[sp.be + tid]);
-  }
-
-  if constexpr (VPT > 0) {
-    // p's vectors stay in registers, q's in this thread's own slots of dynamic shared memory
-    // (both in registers would spill); no barrier needed, each thread reads back what it wrote.
-    extern __shared__ __align__(16) unsigned char kl_dyn_smem[];
-    Pack<T, VEC>* cq = reinterpret_cast<Pack<T, VEC>*>(kl_dyn_smem) + threadIdx.x;
-    Pack<T, VEC> cp[VPT];
+  for (int64_t k0 = row.tid; k0 < row.nb; k0 += step * U) {
+    Pack<T, VEC> bp[U], bq[U];
 #pragma unroll
-    for (int s = 0; s < VPT; ++s) {
-      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
-      if (k < nb) {
-        cp[s] = load_pack<T, VEC>(P + sp.h + k * VEC);
-        cq[s * THREADS] = load_pack<T, VEC>(Q + sp.h + k * VEC);
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + u * step;
+      if (k < row.nb) {
+        bp[u] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
+        bq[u] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
       }
     }
 #pragma unroll
-    for (int s = 0; s < VPT; ++s) {
-      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
-      if (k < nb) {
+    for (int u = 0; u < U; ++u) {
+      if (k0 + u * step < row.nb) {
         A pv[VEC], qv[VEC];
-        to_acc<T, VEC>(cp[s], pv);
-        to_acc<T, VEC>(cq[s * THREADS], qv);
+        to_acc<T, VEC>(bp[u], pv);
+        to_acc<T, VEC>(bq[u], qv);
         st.add<VEC>(pv, qv);
       }
     }
-    if (tid < head) st.add1(hp, hq);
-    if (tid < tail) st.add1(tp, tq);
-    const Final<A> f = finalize<TEAM, A>(st, mm, smem);
-    A kl[1] = {f.kl_init()};
+  }
+  kl_add_edges(row, ed, st);
+  const Final<A> f = finalize<TEAM, A>(st, mm, smem);
+  if (Gd == nullptr) {
+    // An all -inf row of p or q has no softmax: NaN, as kl_init() gives on the pass-2 paths.
+    if (row.tid == 0) rows[row.r] = f.pvalid && f.qvalid ? f.pass1_loss() : f.kl_init();
+    return;
+  }
+
+  A kl[1] = {f.kl_init()};
+  // Backwards over the same (k0, u) tiles: the last-read vectors first.
+  const int64_t nsteps = (row.nb + step * U - 1) / (step * U);
+  for (int64_t s = nsteps - 1; s >= 0; --s) {
+    const int64_t k0 = s * step * U + row.tid;
+    Pack<T, VEC> bp[U], bq[U];
 #pragma unroll
-    for (int s = 0; s < VPT; ++s) {
-      const int64_t k = tid + static_cast<int64_t>(s) * TEAM;
-      if (k < nb) {
+    for (int u = U - 1; u >= 0; --u) {
+      const int64_t k = k0 + u * step;
+      if (k < row.nb) {
+        bp[u] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
+        bq[u] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
+      }
+    }
+#pragma unroll
+    for (int u = U - 1; u >= 0; --u) {
+      const int64_t k = k0 + u * step;
+      if (k < row.nb) {
         A pv[VEC], qv[VEC];
-        to_acc<T, VEC>(cp[s], pv);
-        to_acc<T, VEC>(cq[s * THREADS], qv);
+        to_acc<T, VEC>(bp[u], pv);
+        to_acc<T, VEC>(bq[u], qv);
         Pack<T, VEC> g;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
-        if (want_grad) store_pack<T, VEC>(Gd + sp.h + k * VEC, g);
+        store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
       }
     }
-    if (tid < head) {
-      const A g = f.grad(hp, hq, kl[0]);
-      if (want_grad) Gd[a + tid] = static_cast<T>(g);
-    }
-    if (tid < tail) {
-      const A g = f.grad(tp, tq, kl[0]);
-      if (want_grad) Gd[sp.be + tid] = static_cast<T>(g);
-    }
-    team_sum<TEAM, A, 1>(kl, smem);
-    if (tid == 0) rows[r] = kl[0] * mm;
-  } else {
-    constexpr int64_t step = TEAM;
-    for (int64_t k0 = tid; k0 < nb; k0 += step * U) {
-      Pack<T, VEC> bp[U], bq[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t k = k0 + u * step;
-        if (k < nb) {
-          bp[u] = load_pack<T, VEC>(P + sp.h + k * VEC);
-          bq[u] = load_pack<T, VEC>(Q + sp.h + k * VEC);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (k0 + u * step < nb) {
-          A pv[VEC], qv[VEC];
-          to_acc<T, VEC>(bp[u], pv);
-          to_acc<T, VEC>(bq[u], qv);
-          st.add<VEC>(pv, qv);
-        }
-      }
-    }
-    if (tid < head) st.add1(hp, hq);
-    if (tid < tail) st.add1(tp, tq);
-    const Final<A> f = finalize<TEAM, A>(st, mm, smem);
-    if (!want_grad) {
-      // An all -inf row of p or q has no softmax: NaN, as kl_init() on the other paths.
-      if (tid == 0) rows[r] = f.pvalid && f.qvalid ? f.pass1_loss() : f.kl_init();
-      return;
-    }
-    A kl[1] = {f.kl_init()};
-    // Backwards over the same (k0, u) tiles: the last-read vectors first (still in L2).
-    const int64_t nsteps = (nb + step * U - 1) / (step * U);
-    for (int64_t s = nsteps - 1; s >= 0; --s) {
-      const int64_t k0 = s * step * U + tid;
-      Pack<T, VEC> bp[U], bq[U];
-#pragma unroll
-      for (int u = U - 1; u >= 0; --u) {
-        const int64_t k = k0 + u * step;
-        if (k < nb) {
-          bp[u] = load_pack<T, VEC>(P + sp.h + k * VEC);
-          bq[u] = load_pack<T, VEC>(Q + sp.h + k * VEC);
-        }
-      }
-#pragma unroll
-      for (int u = U - 1; u >= 0; --u) {
-        const int64_t k = k0 + u * step;
-        if (k < nb) {
-          A pv[VEC], qv[VEC];
-          to_acc<T, VEC>(bp[u], pv);
-          to_acc<T, VEC>(bq[u], qv);
-          Pack<T, VEC> g;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
-          store_pack<T, VEC>(Gd + sp.h + k * VEC, g);
-        }
-      }
-    }
-    if (tid < head) Gd[a + tid] = static_cast<T>(f.grad(hp, hq, kl[0]));
-    if (tid < tail) Gd[sp.be + tid] = static_cast<T>(f.grad(tp, tq, kl[0]));
-    team_sum<TEAM, A, 1>(kl, smem);
-    if (tid == 0) rows[r] = kl[0] * mm;
   }
+  kl_finish_row<TEAM, T>(row, ed, f, kl, Gd, rows, smem);
 }
 
-// Dynamic shared memory of a configuration (the cached kernels keep q's vectors there).
+// Dynamic shared memory of a cached configuration (q's vectors).
 template <typename T, int VEC, int VPT, int THREADS>
 constexpr int kl_smem() {
   return VPT * THREADS * static_cast<int>(sizeof(Pack<T, VEC>));
 }
 
-// Whether a configuration can be launched on `device` (the current device): its static + dynamic
-// shared memory must fit the device's opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), and
-// over the 48 KB that every block gets, the kernel's dynamic limit is raised there. Found out (and
-// the limit raised) once per kernel and device.
+// Whether a cached configuration can be launched on `device` (the current device): its static +
+// dynamic shared memory must fit the device's opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// and over the 48 KB that every block gets, the kernel's dynamic limit is raised there. Found out
+// (and the limit raised) once per kernel and device.
 template <typename T, int VEC, int TEAM, int VPT, int THREADS>
-bool kl_config_fits(int device) {
+bool kl_cached_fits(int device) {
   constexpr int smem = kl_smem<T, VEC, VPT, THREADS>();
-  if constexpr (smem == 0) {
-    return true;
-  } else {
-    static PerDevice fits;
-    return fits.get(device, [device] {
-      const auto kernel = kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>;
-      int optin = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      cudaFuncAttributes attr;
-      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      const int64_t total = static_cast<int64_t>(attr.sharedSizeBytes) + smem;
-      if (total > std::max(optin, 48 * 1024)) return 0;
-      if (total > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      }
-      return 1;
-    }) != 0;
-  }
+  static PerDevice fits;
+  return fits.get(device, [device] {
+    const auto kernel = kl_rows_cached_kernel<T, VEC, TEAM, VPT, THREADS>;
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const int64_t total = static_cast<int64_t>(attr.sharedSizeBytes) + smem;
+    if (total > std::max(optin, 48 * 1024)) return 0;
+    if (total > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
+    return 1;
+  }) != 0;
 }
 
-template <typename T, int VEC, int TEAM, int VPT, int THREADS>
-void launch_kl(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, int64_t N, int64_t C, int device) {
+// Blocks of a launch: one row per warp (TEAM 32) or per block.
+template <int TEAM, int THREADS>
+unsigned kl_blocks(int64_t N) {
   const int64_t rows_per_block = TEAM == 32 ? THREADS / 32 : 1;
   const int64_t blocks = ceil_div(N, rows_per_block);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.kl_div_with_logits: too many rows");
-  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename T, int VEC, int TEAM, int VPT, int THREADS>
+void launch_kl_cached(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, int64_t N, int64_t C,
+                      int device) {
+  const unsigned blocks = kl_blocks<TEAM, THREADS>(N);
   constexpr int smem = kl_smem<T, VEC, VPT, THREADS>();
-  TORCH_INTERNAL_ASSERT((kl_config_fits<T, VEC, TEAM, VPT, THREADS>(device)),
+  TORCH_INTERNAL_ASSERT((kl_cached_fits<T, VEC, TEAM, VPT, THREADS>(device)),
                         "fastvat.kl_div_with_logits: kernel shared memory over the device's limit");
-  kl_rows_kernel<T, VEC, TEAM, VPT, THREADS>
-      <<<static_cast<unsigned>(blocks), THREADS, smem, stream>>>(p, q, g, m, rows, N, C);
+  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  kl_rows_cached_kernel<T, VEC, TEAM, VPT, THREADS><<<blocks, THREADS, smem, stream>>>(p, q, g, m, rows, N, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Kernel choice, overridable for benchmarking with FASTVAT_KL_VARIANT (read on every call):
-//   auto (default): rows of <= 2048 16-byte vectors cached on chip (several blocks per SM),
-//                   longer rows streamed twice by one 1024-thread block per SM (row stays in L2);
-//   cached:   also cache rows of <= 4096 vectors (one 512-thread block per SM, no L2 re-read; 64 KB
-//             of shared memory, else streamed);
-//   stream:   always the 1024-thread streaming kernel;  stream512: 512 threads, 2 blocks per SM.
-inline int kl_variant() {
-  const char* s = std::getenv("FASTVAT_KL_VARIANT");
-  if (s == nullptr || s[0] == '\0') return 0;
-  const std::string v(s);
-  if (v == "cached") return 1;
-  if (v == "stream") return 2;
-  if (v == "stream512") return 3;
-  return 0;
+template <typename T, int VEC, int TEAM, int THREADS>
+void launch_kl_streamed(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>* rows, int64_t N, int64_t C,
+                        int device) {
+  const unsigned blocks = kl_blocks<TEAM, THREADS>(N);
+  auto stream = c10::cuda::getCurrentCUDAStream(device);
+  kl_rows_streamed_kernel<T, VEC, TEAM, THREADS><<<blocks, THREADS, 0, stream>>>(p, q, g, m, rows, N, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Kernel choice for 16-byte aligned rows. kl_div_with_logits always takes kAuto; the others are
+// for benchmarks, through the op _kl_div_with_logits_variant.
+//   kAuto:      rows of <= 2048 16-byte vectors cached on chip (several blocks per SM), longer rows
+//               streamed twice by one 1024-thread block per SM (the row stays in L2);
+//   kCached:    also cache rows of <= 4096 vectors (one 512-thread block per SM, no L2 re-read; 64 KB
+//               of shared memory, streamed where the device cannot give a block that much);
+//   kStream:    always the 1024-thread streaming kernel;
+//   kStream512: always the 512-thread streaming kernel (2 blocks per SM).
+// Misaligned rows take the scalar streaming kernels whatever the choice.
+enum class KlVariant { kAuto, kCached, kStream, kStream512 };
+
+KlVariant parse_kl_variant(c10::string_view v) {
+  if (v == "auto") return KlVariant::kAuto;
+  if (v == "cached") return KlVariant::kCached;
+  if (v == "stream") return KlVariant::kStream;
+  if (v == "stream512") return KlVariant::kStream512;
+  TORCH_CHECK(false, "fastvat._kl_div_with_logits_variant: variant must be 'auto', 'cached', 'stream' or "
+              "'stream512', got '", std::string(v.data(), v.size()), "'");
 }
 
 template <typename T>
 void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mask, at::Tensor& rows,
-                 at::Tensor& grad, int64_t N, int64_t C) {
+                 at::Tensor& grad, int64_t N, int64_t C, KlVariant variant) {
   using A = acc_t<T>;
   constexpr int VEC = vec16<T>();
   const int device = q.get_device();
@@ -422,25 +492,23 @@ void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mas
   const bool aligned = is_aligned(pp, 16) && is_aligned(qp, 16) && (gp == nullptr || is_aligned(gp, 16));
   if (aligned) {
     const int64_t nvec = C / VEC;
-    const int variant = kl_variant();
-    if (variant == 0 || variant == 1) {
-      if (nvec <= 32 * 4) return launch_kl<T, VEC, 32, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
-      if (nvec <= 256 * 8) return launch_kl<T, VEC, 256, 8, 256>(pp, qp, gp, mp, rp, N, C, device);
-      // 64 KB of dynamic shared memory: streamed instead where the device cannot give a block that much.
-      if (variant == 1 && nvec <= 512 * 8 && kl_config_fits<T, VEC, 512, 8, 512>(device)) {
-        return launch_kl<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
+    if (variant == KlVariant::kAuto || variant == KlVariant::kCached) {
+      if (nvec <= 32 * 4) return launch_kl_cached<T, VEC, 32, 4, 256>(pp, qp, gp, mp, rp, N, C, device);
+      if (nvec <= 256 * 8) return launch_kl_cached<T, VEC, 256, 8, 256>(pp, qp, gp, mp, rp, N, C, device);
+      if (variant == KlVariant::kCached && nvec <= 512 * 8 && kl_cached_fits<T, VEC, 512, 8, 512>(device)) {
+        return launch_kl_cached<T, VEC, 512, 8, 512>(pp, qp, gp, mp, rp, N, C, device);
       }
     }
-    if (variant == 3) return launch_kl<T, VEC, 512, 0, 512>(pp, qp, gp, mp, rp, N, C, device);
-    return launch_kl<T, VEC, 1024, 0, 1024>(pp, qp, gp, mp, rp, N, C, device);
+    if (variant == KlVariant::kStream512) return launch_kl_streamed<T, VEC, 512, 512>(pp, qp, gp, mp, rp, N, C, device);
+    return launch_kl_streamed<T, VEC, 1024, 1024>(pp, qp, gp, mp, rp, N, C, device);
   }
-  if (C <= 1024) return launch_kl<T, 1, 32, 0, 256>(pp, qp, gp, mp, rp, N, C, device);
-  launch_kl<T, 1, 1024, 0, 1024>(pp, qp, gp, mp, rp, N, C, device);
+  if (C <= 1024) return launch_kl_streamed<T, 1, 32, 256>(pp, qp, gp, mp, rp, N, C, device);
+  launch_kl_streamed<T, 1, 1024, 1024>(pp, qp, gp, mp, rp, N, C, device);
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
-                                                           const std::optional<at::Tensor>& mask_in,
-                                                           bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> kl_rows_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
+                                                const std::optional<at::Tensor>& mask_in, bool compute_grad,
+                                                KlVariant variant) {
   TORCH_CHECK(q_in.is_cuda(), "fastvat.kl_div_with_logits: q_logits must be a CUDA tensor");
   check_kl_args(p_in, q_in, mask_in);
   c10::cuda::CUDAGuard guard(q_in.device());
@@ -458,12 +526,27 @@ std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p_i
   if (rows.numel() == 0) return std::make_tuple(rows, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(),
                                   "fastvat_kl_div_with_logits_cuda",
-                                  [&] { kl_dispatch<scalar_t>(p, q, mask, rows, grad, N, C); });
+                                  [&] { kl_dispatch<scalar_t>(p, q, mask, rows, grad, N, C, variant); });
   return std::make_tuple(rows, grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p, const at::Tensor& q,
+                                                           const std::optional<at::Tensor>& mask, bool compute_grad) {
+  return kl_rows_cuda(p, q, mask, compute_grad, KlVariant::kAuto);
+}
+
+// Benchmark-only: kl_div_with_logits with the kernel choice named by `variant` (see KlVariant).
+std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_variant_cuda(const at::Tensor& p, const at::Tensor& q,
+                                                                   const std::optional<at::Tensor>& mask,
+                                                                   bool compute_grad, c10::string_view variant) {
+  return kl_rows_cuda(p, q, mask, compute_grad, parse_kl_variant(variant));
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace fastvat
 
-TORCH_LIBRARY_IMPL(fastvat, CUDA, m) { m.impl("kl_div_with_logits", &fastvat::cuda::kl_div_with_logits_cuda); }
+TORCH_LIBRARY_IMPL(fastvat, CUDA, m) {
+  m.impl("kl_div_with_logits", &fastvat::cuda::kl_div_with_logits_cuda);
+  m.impl("_kl_div_with_logits_variant", &fastvat::cuda::kl_div_with_logits_variant_cuda);
+}

@@ -24,8 +24,14 @@ namespace fastvat {
 namespace cuda {
 namespace {
 
-// Where the values of v come from. mmode: 0 no mask, 1 one mask entry per VEC-vector (inner is a
-// multiple of VEC), 2 a mask entry per element.
+// How the mask applies to the values of v.
+enum class MaskMode {
+  kNone,        // no mask (or one applied per group by the rows kernel: row_mask)
+  kPerVector,   // one mask entry per VEC-vector: inner is a multiple of VEC
+  kPerElement,  // a mask entry per element
+};
+
+// Where the values of v come from.
 template <typename T, int VEC>
 struct L2Src {
   using A = acc_t<T>;
@@ -33,7 +39,7 @@ struct L2Src {
   const T* __restrict__ b;  // nullptr: no baseline
   const T* __restrict__ m;  // nullptr: no mask
   MaskIndex mi;
-  int mmode;
+  MaskMode mmode;
 
   // v for the VEC elements starting at i (i a multiple of VEC, so the access is aligned).
   __device__ __forceinline__ void load_vec(int64_t i, A (&v)[VEC]) const {
@@ -46,11 +52,11 @@ struct L2Src {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[k] = static_cast<A>(px.val[k]);
     }
-    if (mmode == 1) {
+    if (mmode == MaskMode::kPerVector) {
       const A mm = static_cast<A>(m[mi(i)]);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[k] *= mm;
-    } else if (mmode == 2) {
+    } else if (mmode == MaskMode::kPerElement) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[k] *= static_cast<A>(m[mi(i + k)]);
     }
@@ -59,7 +65,7 @@ struct L2Src {
   __device__ __forceinline__ A load1(int64_t i) const {
     A v = static_cast<A>(x[i]);
     if (b != nullptr) v -= static_cast<A>(b[i]);
-    if (mmode != 0) v *= static_cast<A>(m[mi(i)]);
+    if (mmode != MaskMode::kNone) v *= static_cast<A>(m[mi(i)]);
     return v;
   }
 };
@@ -99,11 +105,7 @@ __device__ __noinline__ void l2_row_rare(L2Src<T, VEC> src, T* __restrict__ out,
     double rs[RK] = {};
 #pragma unroll 1
     for (int64_t i = a + tid; i < e; i += TEAM) Robust<A>::add(rs, src.load1(i) * mm);
-    if constexpr (TEAM == 32) {
-      warp_sum_k<double, RK>(rs);
-    } else {
-      block_sum<double, RK>(rs, rsmem);
-    }
+    team_reduce<TEAM, SumOp>(rs, rsmem);
     fa = factor_of_robust<A>(rs, scale);
   }
   if (fa.wide) {
@@ -181,11 +183,7 @@ __global__ void __launch_bounds__(THREADS, (l2_rows_min_blocks<VPT * VEC, THREAD
   for (int s = 0; s < VPT; ++s)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) ss[0] += v[s][j] * v[s][j];
-  if constexpr (TEAM == 32) {
-    warp_sum_k<A, 1>(ss);
-  } else {
-    block_sum<A, 1>(ss, smem);
-  }
+  team_reduce<TEAM, SumOp>(ss, smem);
   A f;
   bool plain = plain_factor(ss[0], G, scale, f);
   if (!plain && ss[0] == A(0)) {
@@ -274,7 +272,7 @@ __global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> s
         ss[1] += ::fabs(v[u][k]);
       }
   }
-  block_sum<A, 2>(ss, smem);
+  block_reduce<SumOp>(ss, smem);
   // Block-uniform. The chunk is summed again when its sum overflowed (or holds an Inf), or is finite,
   // not zero and too small to trust; a NaN sum is kept (its group's factor is 0 whatever the rest).
   double rs[RK] = {};
@@ -282,7 +280,7 @@ __global__ void __launch_bounds__(kChunkThreads) l2_sumsq_kernel(L2Src<T, VEC> s
   const bool tiny = ss[1] != A(0) && ss[0] <= std::numeric_limits<A>::max() && !sumsq_trusted(ss[0], e - a);
   if (overflow || tiny) {
     for (int64_t i = a + tid; i < e; i += kChunkThreads) Robust<A>::add(rs, src.load1(i));
-    block_sum<double, RK>(rs, rsmem);
+    block_reduce<SumOp>(rs, rsmem);
   } else {
     Robust<A>::from_sum(rs, ss[0]);
   }
@@ -409,7 +407,10 @@ void l2_dispatch(const at::Tensor& x, const at::Tensor& b, const at::Tensor& m, 
   const MaskIndex mi(inner, numel);
 
   if (aligned) {
-    L2Src<T, VEC> src{xp, bp, mp, mi, mp == nullptr ? 0 : (inner % VEC == 0 ? 1 : 2)};
+    const MaskMode mode = mp == nullptr       ? MaskMode::kNone
+                          : inner % VEC == 0 ? MaskMode::kPerVector
+                                             : MaskMode::kPerElement;
+    L2Src<T, VEC> src{xp, bp, mp, mi, mode};
     const int64_t nvec = G / VEC;  // upper bound of the vectors in one group
     const int sms = sm_count(device);
     const bool many_rows = R >= sms || numel <= (int64_t(1) << 18);
@@ -417,7 +418,7 @@ void l2_dispatch(const at::Tensor& x, const at::Tensor& b, const at::Tensor& m, 
       // Mask constant over each group: read it once per group, and skip masked groups entirely.
       const bool row_mask = mp != nullptr && inner % G == 0;
       L2Src<T, VEC> rsrc = src;
-      if (row_mask) rsrc.mmode = 0;
+      if (row_mask) rsrc.mmode = MaskMode::kNone;
       if (nvec <= 32 * 4) return launch_rows<T, VEC, 32, 4, 256>(rsrc, op, R, G, scale, row_mask, device);
       if (nvec <= 32 * 8) return launch_rows<T, VEC, 32, 8, 256>(rsrc, op, R, G, scale, row_mask, device);
       if (nvec <= 512 * 4) return launch_rows<T, VEC, 512, 4, 512>(rsrc, op, R, G, scale, row_mask, device);
@@ -425,7 +426,7 @@ void l2_dispatch(const at::Tensor& x, const at::Tensor& b, const at::Tensor& m, 
     }
     return launch_chunks<T, VEC>(src, op, numel, G, scale, x, device);
   }
-  L2Src<T, 1> src{xp, bp, mp, mi, mp == nullptr ? 0 : 1};
+  L2Src<T, 1> src{xp, bp, mp, mi, mp == nullptr ? MaskMode::kNone : MaskMode::kPerVector};
   launch_chunks<T, 1>(src, op, numel, G, scale, x, device);
 }
 

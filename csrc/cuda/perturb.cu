@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) perturb_sumsq_kernel(const D* __rest
     ss[0] += v * v;
     ss[1] += ::fabs(v);
   }
-  block_sum<A, 2>(ss, smem);
+  block_reduce<SumOp>(ss, smem);
   // Block-uniform. The chunk is summed again when its sum overflowed (or holds an Inf), or is finite,
   // not zero and too small to trust; a NaN sum is kept (the factor is 0 whatever the rest).
   double rs[RK] = {};
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) perturb_sumsq_kernel(const D* __rest
   const bool tiny = ss[1] != A(0) && ss[0] <= std::numeric_limits<A>::max() && !sumsq_trusted(ss[0], e - a);
   if (overflow || tiny) {
     for (int64_t i = a + tid; i < e; i += kThreads) Robust<A>::add(rs, static_cast<A>(d[i]));
-    block_sum<double, RK>(rs, rsmem);
+    block_reduce<SumOp>(rs, rsmem);
   } else {
     Robust<A>::from_sum(rs, ss[0]);
   }
