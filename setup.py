@@ -67,7 +67,7 @@ def _extensions():
         sources=[os.path.relpath(p, ROOT) for p in cfg.sources(ROOT, with_cuda)],
         include_dirs=[cfg.csrc_dir(ROOT)],
         extra_link_args=cfg.LINK_FLAGS,
-        extra_compile_args={"cxx": cfg.cxx_flags(with_cuda)},
+        extra_compile_args={"cxx": cfg.cxx_flags()},
     )
     if with_cuda:
         kwargs["extra_compile_args"]["nvcc"] = cfg.NVCC_FLAGS

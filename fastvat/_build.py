@@ -11,7 +11,6 @@ import os
 CXX_FLAGS = ["-O3", "-fopenmp"]  # no -std: torch adds the one it needs (c++20 for torch >= 2.13)
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 LINK_FLAGS = ["-fopenmp"]
-CUDA_DEFINE = "-DFASTVAT_WITH_CUDA"
 
 
 def csrc_dir(root: str) -> str:
@@ -27,5 +26,5 @@ def sources(root: str, with_cuda: bool) -> list:
     return found
 
 
-def cxx_flags(with_cuda: bool) -> list:
-    return CXX_FLAGS + ([CUDA_DEFINE] if with_cuda else [])
+def cxx_flags() -> list:
+    return list(CXX_FLAGS)

@@ -54,7 +54,7 @@ def _try_jit() -> bool:
             name="fastvat_jit_cuda" if with_cuda else "fastvat_jit",
             sources=_build.sources(_ROOT, with_cuda),
             extra_include_paths=[csrc],
-            extra_cflags=_build.cxx_flags(with_cuda),
+            extra_cflags=_build.cxx_flags(),
             extra_cuda_cflags=_build.NVCC_FLAGS,
             extra_ldflags=_build.LINK_FLAGS,
             is_python_module=False,
