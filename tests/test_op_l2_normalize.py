@@ -87,6 +87,64 @@ def test_l2_normalize_zero_norm_groups_give_zeros(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_baseline", [False, True], ids=["x", "x-baseline"])
+def test_l2_normalize_masked_out_groups_give_zeros(device, dtype, with_baseline):
+    """Padding: masked-out tokens (and samples) are exact zeros whatever x holds there, the largest or
+    smallest values of the dtype included, and every other group equals the reference. Unmasked
+    groups that are zero, or whose squares underflow, sit next to them: a zero sum of squares alone
+    does not make a group zero."""
+    fi = torch.finfo(dtype)
+    x = randn(3, 9, 40, dtype=dtype, device=device)
+    b = randn(3, 9, 40, dtype=dtype, device=device, seed=1) if with_baseline else None
+    m = torch.ones(3, 9, dtype=torch.bool, device=device)
+    m[0, 5:] = False  # padded tail of sample 0
+    m[1, 2] = False
+    x[0, 6] = fi.max / 2  # masked out, huge
+    x[0, 7] = fi.tiny  # masked out, tiny
+    x[1, 2] = -fi.max / 2
+    x[2, 3] = 0  # unmasked zero token (a zero x - baseline with a baseline)
+    if b is not None:
+        b[2, 3] = 0
+        b[2, 4] = x[2, 4]  # baseline equal to x: a zero token too
+    # unmasked token of tiny values: its float32/float64 squares underflow to a zero sum
+    tiny = torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[2, 5] = (tiny * (1e-200 if dtype == torch.float64 else 1e-30)).to(device=device, dtype=dtype)
+    if b is not None:
+        b[2, 5] = 0
+    out = ops.l2_normalize(x, scale=1.5, norm="token", mask=m, baseline=b)
+    expected = ref.l2_normalize(x, scale=1.5, norm="token", mask=m.to(dtype), baseline=b)
+    assert torch.equal(out[~m], torch.zeros_like(out[~m]))
+    assert_close(out[m], expected[m], dtype)
+    if dtype in (torch.float32, torch.float64):  # the tiny token is normalised, not zeroed
+        assert abs(out[2, 5].double().norm().item() - 1.5) < 1e-4
+    # a fully masked sample holding huge values, on the per-group and the partial-sum schedules
+    for shape in [(3, 4, 50), (2, 3, 11001)]:
+        x = randn(*shape, dtype=dtype, device=device)
+        x[1] = fi.max / 2
+        ms = torch.ones(shape[:2], dtype=torch.bool, device=device)
+        ms[1] = False
+        for norm in ("sample", "token"):
+            out = ops.l2_normalize(x, scale=1.5, norm=norm, mask=ms)
+            assert torch.equal(out[1], torch.zeros_like(out[1]))
+            expected = ref.l2_normalize(x, scale=1.5, norm=norm, mask=ms.to(dtype))
+            assert_close(out[0], expected[0], dtype)
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="vectorized CPU kernels not in use")
+def test_l2_normalize_cpu_kernel_masked_out_nonfinite_token():
+    """The CPU kernel with a mask of one entry per token skips masked-out runs, so a NaN/Inf there
+    leaves zeros (docs/reliability.md: the reference and element-wise masks multiply by the mask)."""
+    x = randn(2, 4, 33)
+    x[0, 1, 3] = float("nan")
+    x[1, 2, 0] = float("inf")
+    m = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    out = ops.l2_normalize(x, norm="token", mask=m)
+    assert torch.equal(out[~m], torch.zeros(2, 33))
+    assert_close(out[m], ref.l2_normalize(x, norm="token", mask=m.float())[m], torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", ["global", "sample", "token"])
 def test_l2_normalize_tiny_and_empty(device, norm):
     for shape in [(0, 5), (4, 0), (1,), (1, 1), (2, 3, 0)]:

@@ -64,31 +64,51 @@ inline bool usable_factor(double f) {
                       a <= static_cast<double>(std::numeric_limits<A>::max()));
 }
 
+// The robust paths are rare (zero groups and vectors near the ends of A's range): kept out of line so
+// that the per-group fast path stays small enough to inline with the kernel's apply loop.
+#if defined(__GNUC__)
+#define FASTVAT_COLD __attribute__((noinline, cold))
+#else
+#define FASTVAT_COLD
+#endif
+
+// x unchanged, but opaque to the optimiser: a product passed through it is rounded on its own, not
+// fused with the addition that follows. scaled_norm's sum runs inside the kernels' FMA-enabled code
+// (`values` inlines it there), and its result must not depend on whether the compiler contracts it.
+// Costs a store and a load, on the robust path only.
+inline double rounded(double x) {
+#if defined(__GNUC__)
+  __asm__("" : "+m"(x));
+#endif
+  return x;
+}
+
 // scale / ||v|| as ldexp(unit, -ex): v scaled by the power of two that brings its largest |v| into
 // [0.5, 1) (as LAPACK's nrm2 does), squared and summed in double, where nothing under- or overflows.
 // unit == 0 for a group that is exactly zero or holds a NaN/Inf (such a group gets factor 0, as on
-// the fast path).
+// the fast path). `values(f)` calls f(v) for each value of the group in order, v in double.
 struct ScaledNorm {
   int ex = 0;
   double unit = 0.0;
 };
 
-template <typename F>
-ScaledNorm scaled_norm(const F& value, int64_t a, int64_t e, double scale) {
+template <typename Values>
+ScaledNorm scaled_norm(const Values& values, double scale) {
   double amax = 0.0;
-  for (int64_t i = a; i < e; ++i) {
-    const double v = std::abs(value(i));
-    if (!(v <= std::numeric_limits<double>::max())) return {};
-    amax = std::max(amax, v);
-  }
-  if (amax == 0.0) return {};
+  bool finite = true;
+  values([&](double v) {
+    const double a = std::abs(v);
+    if (!(a <= std::numeric_limits<double>::max())) finite = false;
+    else amax = std::max(amax, a);
+  });
+  if (!finite || amax == 0.0) return {};
   ScaledNorm r;
   std::frexp(amax, &r.ex);
   double ss = 0.0;
-  for (int64_t i = a; i < e; ++i) {
-    const double t = std::ldexp(value(i), -r.ex);
-    ss += t * t;
-  }
+  values([&](double v) {
+    const double t = std::ldexp(v, -r.ex);
+    ss += rounded(t * t);
+  });
   r.unit = scale / std::sqrt(ss);
   return r;
 }
@@ -127,16 +147,42 @@ struct GroupFactor {
   double unit = 0.0;
 };
 
-// The factor for a group [a, e) whose fast-path sum of squares is ss; `value(i)` is v at i in double.
-template <typename A, typename F>
-GroupFactor<A> group_factor(const F& value, int64_t a, int64_t e, double ss, double scale) {
+// The sums of squares ss of `count` values for which the fast path's factor scale / sqrt(ss) is used as
+// is: [lo, hi] lies inside what sumsq_trusted and usable_factor accept, with a margin of 16 at the
+// ends for the rounding of the bounds and of the factor, so one range test per group stands for
+// both checks. A group outside the range goes through robust_factor, which makes the exact checks,
+// so the result does not depend on where within the margin the range ends.
+template <typename A>
+struct FactorRange {
+  double lo;
+  double hi;
+  double scale;
+  FactorRange(int64_t count, double s) : scale(s) {
+    constexpr double amin = static_cast<double>(std::numeric_limits<A>::min());
+    constexpr double amax = static_cast<double>(std::numeric_limits<A>::max());
+    lo = static_cast<double>(count) * amin * 0x1p24;  // sumsq_trusted's bound
+    hi = std::numeric_limits<double>::max() / 16;
+    const double a = std::abs(s);
+    if (a != 0.0) {  // a zero scale gives factor 0, usable for any trusted ss
+      lo = std::max(lo, 16 * (a / amax) * (a / amax));  // |factor| <= amax
+      hi = std::min(hi, (a / amin) * (a / amin) / 16);  // |factor| >= amin
+    }
+  }
+  inline bool contains(double ss) const { return ss >= lo && ss <= hi; }
+  inline A factor(double ss) const { return static_cast<A>(scale / std::sqrt(ss)); }
+};
+
+// The factor for a group of `count` values whose fast-path sum of squares is ss, when ss is outside
+// FactorRange: the fast path's checks made exactly, then scaled_norm. `values` as for scaled_norm.
+template <typename A, typename Values>
+FASTVAT_COLD GroupFactor<A> robust_factor(const Values& values, int64_t count, double ss, double scale) {
   GroupFactor<A> r;
   const double f = ss > 0 ? scale / std::sqrt(ss) : 0.0;
-  if (sumsq_trusted<A>(ss, e - a) && usable_factor<A>(f)) {
+  if (sumsq_trusted<A>(ss, count) && usable_factor<A>(f)) {
     r.f = static_cast<A>(f);
     return r;
   }
-  const ScaledNorm sn = scaled_norm(value, a, e, scale);
+  const ScaledNorm sn = scaled_norm(values, scale);
   const double g = std::ldexp(sn.unit, -sn.ex);
   if (usable_factor<A>(g)) {
     r.f = static_cast<A>(g);
@@ -146,6 +192,14 @@ GroupFactor<A> group_factor(const F& value, int64_t a, int64_t e, double ss, dou
     r.unit = sn.unit;
   }
   return r;
+}
+
+// The factor for a group of `count` values whose fast-path sum of squares is ss.
+template <typename A, typename Values>
+inline GroupFactor<A> group_factor(const Values& values, int64_t count, double ss, double scale) {
+  const FactorRange<A> range(count, scale);
+  if (range.contains(ss)) return GroupFactor<A>{range.factor(ss)};
+  return robust_factor<A>(values, count, ss, scale);
 }
 
 // Whether the vectorized kernels may run: the CPU has the ISA they were compiled for, and

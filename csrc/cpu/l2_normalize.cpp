@@ -44,18 +44,6 @@ struct L2Kernel {
     return v;
   }
 
-  // v at i in double (the scaled_norm fallback); masked-out positions are 0, as on the vector path.
-  inline double value(int64_t i) const {
-    double v = to_double(x[i]);
-    if (HasB) v -= to_double(b[i]);
-    if (HasM) {
-      const double mv = to_double(m[i / inner]);
-      if (mv == 0.0) return 0.0;
-      v *= mv;
-    }
-    return v;
-  }
-
   // Calls f(begin, end, mask value) for each maximal run of [a, e) with one mask entry.
   template <typename F>
   inline void for_runs(int64_t a, int64_t e, const F& f) const {
@@ -94,6 +82,55 @@ struct L2Kernel {
       }
     });
     return static_cast<double>(hsum(V((s0 + s1) + (s2 + s3))));
+  }
+
+  // Calls f(i, v) for i in [a, e), v in double (the robust paths); masked-out positions are 0, as on
+  // the vector path.
+  template <typename F>
+  void for_values(int64_t a, int64_t e, const F& f) const {
+    for_runs(a, e, [&](int64_t i, int64_t stop, acc_t mval) {
+      const double mv = static_cast<double>(mval);
+      for (; i < stop; ++i) {
+        double v = to_double(x[i]);
+        if (HasB) v -= to_double(b[i]);
+        if (HasM) v = mv == 0.0 ? 0.0 : v * mv;
+        f(i, v);
+      }
+    });
+  }
+
+  // Whether every mask entry over [a, e) is 0 (padding): v is 0 there whatever x holds.
+  inline bool masked_out(int64_t a, int64_t e) const {
+    if (!HasM) return false;
+    int64_t k = a / inner;
+    if (static_cast<acc_t>(m[k]) != acc_t(0)) return false;  // most groups, decided by their first entry
+    for (++k; k * inner < e; ++k) {
+      if (static_cast<acc_t>(m[k]) != acc_t(0)) return false;
+    }
+    return true;
+  }
+
+  // Whether v is exactly 0 over [a, e), in double as on the vector path: every run is masked out or
+  // has a finite mask value and x == baseline (x == 0 without one). Tells a zero group from one whose
+  // squares underflowed to a zero sum, with vector compares instead of scaled_norm's scalar scan.
+  bool zero_group(int64_t a, int64_t e) const {
+    bool zero = true;
+    for_runs(a, e, [&](int64_t i, int64_t stop, acc_t mval) {
+      if (!zero || (HasM && mval == acc_t(0))) return;
+      if (HasM && !std::isfinite(mval)) {
+        zero = false;
+        return;
+      }
+      constexpr int full = (1 << W) - 1;
+      for (; i + W <= stop; i += W) {
+        if (load_v(i, V(acc_t(1))).zero_mask() != full) {
+          zero = false;
+          return;
+        }
+      }
+      if (i < stop && load_v(i, stop - i, V(acc_t(1))).zero_mask() != full) zero = false;
+    });
+    return zero;
   }
 
   // out = v * factor over [a, e).
@@ -138,10 +175,37 @@ struct L2KernelElementwiseMask {
     if (HasB) v = v - IO::load(b + i, n);
     return v * IO::load(m + i, n);
   }
-  inline double value(int64_t i) const {
-    double v = to_double(x[i]);
-    if (HasB) v -= to_double(b[i]);
-    return v * to_double(m[i]);
+  // No shortcut for masked-out groups: a NaN/Inf of x at a masked-out position makes its group NaN
+  // here (v * 0 on the vector path), so such groups go through sumsq and zero_group like any other.
+  inline bool masked_out(int64_t, int64_t) const { return false; }
+  template <typename F>
+  void for_values(int64_t a, int64_t e, const F& f) const {
+    for (int64_t i = a; i < e; ++i) {
+      double v = to_double(x[i]);
+      if (HasB) v -= to_double(b[i]);
+      f(i, v * to_double(m[i]));
+    }
+  }
+  // Whether v is exactly 0 over [a, e), in double as on the vector path: at each position x == baseline
+  // (x == 0 without one) and the mask is finite, or the mask is 0 and x - baseline finite.
+  bool zero_group(int64_t a, int64_t e) const {
+    constexpr int full = (1 << W) - 1;
+    const auto zero = [](const V& d, const V& mv) {
+      const int finite_d = (d - d).zero_mask(), finite_m = (mv - mv).zero_mask();
+      return ((d.zero_mask() & finite_m) | (mv.zero_mask() & finite_d)) == full;
+    };
+    int64_t i = a;
+    for (; i + W <= e; i += W) {
+      V d = IO::load(x + i);
+      if (HasB) d = d - IO::load(b + i);
+      if (!zero(d, IO::load(m + i))) return false;
+    }
+    if (i < e) {
+      V d = IO::load(x + i, e - i);
+      if (HasB) d = d - IO::load(b + i, e - i);
+      if (!zero(d, IO::load(m + i, e - i))) return false;
+    }
+    return true;
   }
   double sumsq(int64_t a, int64_t e) const {
     V s0(acc_t(0)), s1(acc_t(0));
@@ -169,16 +233,48 @@ struct L2KernelElementwiseMask {
   }
 };
 
+// out = ldexp(v, -ex) * unit over [a, e), formed in double: the factor of a vector near the ends of
+// acc_t's range, which is no normal acc_t.
+template <typename K>
+FASTVAT_COLD void apply_in_double(const K& k, int64_t a, int64_t e, const GroupFactor<typename K::acc_t>& f) {
+  using acc_t = typename K::acc_t;
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(k.x)>>;
+  k.for_values(a, e, [&](int64_t i, double v) {
+    k.out[i] = static_cast<T>(static_cast<acc_t>(std::ldexp(v, -f.ex) * f.unit));
+  });
+}
+
 // out = v * factor over [a, e), on the vector path or, for extreme vectors, in double.
 template <typename K>
-void apply_factor(const K& k, int64_t a, int64_t e, const GroupFactor<typename K::acc_t>& f) {
+inline void apply_factor(const K& k, int64_t a, int64_t e, const GroupFactor<typename K::acc_t>& f) {
+  if (!f.in_double) k.apply(a, e, f.f);
+  else apply_in_double(k, a, e, f);
+}
+
+// The factor of the group [a, e) whose fast-path sum of squares is ss (outside `range`): 0 for a group
+// that is exactly zero (a zero token, x equal to the baseline, a masked-out group on the partial-sum
+// schedule) without a scan, anything else through robust_factor.
+template <typename K>
+FASTVAT_COLD GroupFactor<typename K::acc_t> slow_factor(const K& k, int64_t a, int64_t e, double ss, double scale) {
   using acc_t = typename K::acc_t;
-  if (!f.in_double) {
-    k.apply(a, e, f.f);
+  if (ss == 0.0 && k.zero_group(a, e)) return {};
+  const auto values = [&](const auto& f) { k.for_values(a, e, [&](int64_t, double v) { f(v); }); };
+  return robust_factor<acc_t>(values, e - a, ss, scale);
+}
+
+// out = scale * v / ||v|| over the group [a, e), whose fast-path sum of squares sumsq() returns. A
+// masked-out group (padding, on every call with a mask) is written as zeros without summing it.
+template <typename K, typename SumSq>
+inline void normalize_group(const K& k, int64_t a, int64_t e, const SumSq& sumsq,
+                            const FactorRange<typename K::acc_t>& range) {
+  using acc_t = typename K::acc_t;
+  if (k.masked_out(a, e)) {
+    k.apply(a, e, acc_t(0));
     return;
   }
-  using T = std::remove_const_t<std::remove_pointer_t<decltype(k.x)>>;
-  for (int64_t i = a; i < e; ++i) k.out[i] = static_cast<T>(static_cast<acc_t>(std::ldexp(k.value(i), -f.ex) * f.unit));
+  const double ss = sumsq();
+  if (range.contains(ss)) k.apply(a, e, range.factor(ss));
+  else apply_factor(k, a, e, slow_factor(k, a, e, ss, range.scale));
 }
 
 template <typename K>
@@ -186,8 +282,7 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
   using acc_t = typename K::acc_t;
   const int64_t ng = numel / G;
   const int64_t nc = divup(G, kChunk);
-  const auto value = [&k](int64_t i) { return k.value(i); };
-  auto factor_of = [&](int64_t g, double ss) { return group_factor<acc_t>(value, g * G, (g + 1) * G, ss, scale); };
+  const FactorRange<acc_t> range(G, scale);
   auto chunk_begin = [G](int64_t g, int64_t c) { return g * G + c * kChunk; };
   auto chunk_end = [G](int64_t g, int64_t c) { return std::min(g * G + (c + 1) * kChunk, (g + 1) * G); };
 
@@ -195,8 +290,8 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
     const int64_t grain = std::max<int64_t>(1, kChunk / G);
     at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
-        const double ss = 0.0 + k.sumsq(g * G, (g + 1) * G);
-        apply_factor(k, g * G, (g + 1) * G, factor_of(g, ss));
+        const int64_t a = g * G, e = a + G;
+        normalize_group(k, a, e, [&] { return 0.0 + k.sumsq(a, e); }, range);
       }
     });
     return;
@@ -204,9 +299,12 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
   if (ng >= 2 * static_cast<int64_t>(at::get_num_threads())) {
     at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
-        double ss = 0.0;
-        for (int64_t c = 0; c < nc; ++c) ss += k.sumsq(chunk_begin(g, c), chunk_end(g, c));
-        apply_factor(k, g * G, (g + 1) * G, factor_of(g, ss));
+        const auto sumsq = [&] {
+          double ss = 0.0;
+          for (int64_t c = 0; c < nc; ++c) ss += k.sumsq(chunk_begin(g, c), chunk_end(g, c));
+          return ss;
+        };
+        normalize_group(k, g * G, (g + 1) * G, sumsq, range);
       }
     });
     return;
@@ -219,7 +317,7 @@ void run_groups(const K& k, int64_t numel, int64_t G, double scale) {
   for (int64_t g = 0; g < ng; ++g) {
     double ss = 0.0;
     for (int64_t c = 0; c < nc; ++c) ss += partial[g * nc + c];
-    factor[g] = factor_of(g, ss);
+    factor[g] = range.contains(ss) ? GroupFactor<acc_t>{range.factor(ss)} : slow_factor(k, g * G, (g + 1) * G, ss, scale);
   }
   at::parallel_for(0, ng * nc, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

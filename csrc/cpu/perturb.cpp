@@ -91,7 +91,10 @@ void perturb_kernel(T* w, const T* d, T* delta, int64_t numel, double scale, boo
   });
   double ss = 0.0;
   for (int64_t c = 0; c < nc; ++c) ss += partial[c];
-  const GroupFactor<acc_t> f = group_factor<acc_t>([d](int64_t i) { return to_double(d[i]); }, 0, numel, ss, scale);
+  const auto values = [d, numel](const auto& f) {
+    for (int64_t i = 0; i < numel; ++i) f(to_double(d[i]));
+  };
+  const GroupFactor<acc_t> f = group_factor<acc_t>(values, numel, ss, scale);
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
     const int64_t a = c0 * kChunk, e = std::min(numel, c1 * kChunk);
     if (f.in_double) update_range_in_double(w, d, delta, f, has_previous, a, e);
