@@ -218,13 +218,15 @@ FALLBACK_SCRIPT = textwrap.dedent(
     from fastvat import ops
     res = {}
     g = torch.Generator().manual_seed(0)
-    p0 = torch.randn(6, 32000, generator=g); q0 = p0 + 0.5 * torch.randn(6, 32000, generator=g)
-    for off in (10.0, 1e4):
-        p, q = p0 + off, q0 - off
-        lp, lq = F.log_softmax(p.double(), -1), F.log_softmax(q.double(), -1)
-        t = (lp.exp() * (lp - lq)).sum(-1)
-        r = ops.kl_div_with_logits(p, q, reduction="none").double()
-        res[f"kl{off:g}"] = ((r - t) / t).abs().max().item()
+    for rows, classes, spread in ((6, 32000, 0.5), (2, 131072, 0.01)):
+        p0 = torch.randn(rows, classes, generator=g)
+        q0 = p0 + spread * torch.randn(rows, classes, generator=g)
+        for off in (10.0, 1e4):
+            p, q = p0 + off, q0 - off
+            lp, lq = F.log_softmax(p.double(), -1), F.log_softmax(q.double(), -1)
+            t = (lp.exp() * (lp - lq)).sum(-1)
+            r = ops.kl_div_with_logits(p, q, reduction="none").double()
+            res[f"kl{classes}-{off:g}"] = ((r - t) / t).abs().max().item()
     for dtype, mag in ((torch.float32, 1e-30), (torch.float32, 1e30), (torch.float64, 1e-300), (torch.float64, 1e300)):
         x = (torch.randn(3, 500, dtype=torch.float64, generator=g) * mag).to(dtype)
         for norm in ("global", "sample", "token"):
