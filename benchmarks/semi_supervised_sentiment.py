@@ -175,7 +175,21 @@ FAMILIES = {
                math_attention=True),
     "vat_weight": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=1)),
     "vat_output": dict(kind="vat", kwargs=dict(target="output", norm="sample", eps=None, xi=None, iters=1)),
+    # VAT on the matrix at the article's settings, paid for less (the cost-accuracy frontier):
+    #   vat_lazy:   the VAT term on one step in ``every``, its weight x every when ``scaled``;
+    #   vat_warmup: no VAT term for the first fraction of training (``delay0.25``), or its weight ramped
+    #               linearly from 0 over that fraction (``ramp0.25``);
+    #   vat_bf16:   the power iteration's passes under bf16 autocast (the logits cast back to fp32 for the KL;
+    #               the finite difference x + xi*d formed in fp32 where the embedding matrix lives).
+    "vat_lazy": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=1),
+                     schedule=dict(every=2, scaled=False)),
+    "vat_warmup": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=1),
+                       schedule=dict(warmup="delay0.25")),
+    "vat_bf16": dict(kind="vat", kwargs=dict(target="weight", norm="global", eps=1.0, xi=10.0, iters=1,
+                                             hvp="finite_difference"),
+                     schedule=dict(power_dtype="bfloat16")),
 }
+SCHEDULE_DEFAULTS = dict(every=1, scaled=False, warmup="none", power_dtype="float32")
 # What makes two runs of one (method settings, seed) the same computation: a saved cell must match.
 TRAINING_KEYS = ("layers", "max_len", "steps", "batch_labelled", "batch_unlabelled", "weight_decay", "eval_every",
                  "n_val", "n_test", "n_labelled", "max_unlabelled", "data_seed", "eval_batch", "vat_dropout",
@@ -269,15 +283,14 @@ def _typed(key, text, default):
 def parse_methods(spec):
     """'sup,vat_weight,vat_output[eps=1,xi=0.1]' -> [(name, family, overrides)]."""
     out, pos, spec = [], 0, spec.replace(" ", "")
-    for m in re.finditer(r"([A-Za-z_]+)(\[[^\]]*\])?,?", spec):
+    for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)(\[[^\]]*\])?,?", spec):
         if m.start() != pos:
             raise ValueError(f"cannot parse --methods {spec!r}")
         pos = m.end()
         fam, opts = m.group(1), m.group(2)
         if fam not in FAMILIES:
             raise ValueError(f"unknown method {fam!r}; choose from {', '.join(FAMILIES)}")
-        defaults = dict(FAMILIES[fam]["kwargs"], lr=0.0) if FAMILIES[fam]["kind"] is None else \
-            dict(FAMILIES[fam]["kwargs"], lr=0.0, w=0.0)
+        defaults = option_defaults(fam)
         over = {}
         if opts and opts != "[]":
             for kv in opts[1:-1].split(","):
@@ -292,11 +305,49 @@ def parse_methods(spec):
     return out
 
 
+def option_defaults(fam):
+    """Every option a family's method spec or grid may set, with a default of the option's type."""
+    f = FAMILIES[fam]
+    if f["kind"] is None:
+        return dict(f["kwargs"], lr=0.0)
+    return dict(f["kwargs"], **f.get("schedule", {}), lr=0.0, w=0.0)
+
+
+def parse_warmup(text):
+    """'delay0.25' / 'ramp0.5' / 'none' -> (mode, fraction)."""
+    if text == "none":
+        return "none", 0.0
+    m = re.fullmatch(r"(delay|ramp)([0-9.]+)", text)
+    if not m or not 0.0 < float(m.group(2)) < 1.0:
+        raise ValueError(f"warmup takes none, delayF or rampF with 0 < F < 1, got {text!r}")
+    return m.group(1), float(m.group(2))
+
+
+def term_weight(schedule, w, step, steps):
+    """The regularizer's weight on ``step`` (1-based) of ``steps``; 0 means the term is not computed."""
+    sc = dict(SCHEDULE_DEFAULTS, **(schedule or {}))
+    k = int(sc["every"])
+    if (step - 1) % k:
+        return 0.0
+    w = w * k if sc["scaled"] else w
+    mode, frac = parse_warmup(sc["warmup"])
+    span = frac * steps
+    if mode == "delay" and step <= span:
+        return 0.0
+    if mode == "ramp" and step < span:
+        return w * step / span
+    return w
+
+
+def _fmt(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def variant_name(fam, over):
     """The spelling parse_methods reads back: 'noise[eps=5]'."""
     if not over:
         return fam
-    return fam + "[" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in over.items()) + "]"
+    return fam + "[" + ",".join(f"{k}={_fmt(v)}" for k, v in over.items()) + "]"
 
 
 def method_settings(fam, over, cfg):
@@ -305,7 +356,8 @@ def method_settings(fam, over, cfg):
     lr = over.get("lr", cfg["lr"])
     if f["kind"] is None:
         return dict(lr=lr, w=None, kwargs={})
-    kw = dict(f["kwargs"], **{k: v for k, v in over.items() if k not in ("lr", "w")})
+    sched_keys = set(f.get("schedule", {}))
+    kw = dict(f["kwargs"], **{k: v for k, v in over.items() if k not in ("lr", "w") and k not in sched_keys})
     if f["kind"] == "vat":
         import fastvat.vat as fv
 
@@ -313,7 +365,10 @@ def method_settings(fam, over, cfg):
         for k in ("eps", "xi"):
             if kw.get(k) is None:
                 kw[k] = d[k]
-    return dict(lr=lr, w=over.get("w", f.get("w", cfg["vat_weight"])), kwargs=kw)
+    st = dict(lr=lr, w=over.get("w", f.get("w", cfg["vat_weight"])), kwargs=kw)
+    if sched_keys:  # only the families that have one, so that older cells still match
+        st["schedule"] = {k: over.get(k, f["schedule"][k]) for k in sorted(sched_keys)}
+    return st
 
 
 def build_regularizer(fam, settings, model, seed, n_unlabelled, torch, device):
@@ -331,7 +386,25 @@ def build_regularizer(fam, settings, model, seed, n_unlabelled, torch, device):
     gen = torch.Generator(device=device).manual_seed(20_000 + seed)
     if f["kind"] == "noise":
         return fastvat.RandomNoise(model, embedding=emb, generator=gen, **kw)
+    power_dtype = (settings.get("schedule") or {}).get("power_dtype", "float32")
+    if power_dtype != "float32":
+        return _low_precision_power_vat(fastvat, torch, getattr(torch, power_dtype))(
+            model, embedding=emb, generator=gen, **kw)
     return fastvat.VAT(model, embedding=emb, generator=gen, **kw)
+
+
+def _low_precision_power_vat(fastvat, torch, dtype):
+    """A VAT whose power-iteration passes run under autocast(dtype); an experiment, not a library option."""
+
+    class LowPrecisionPowerVAT(fastvat.VAT):
+        def _adversarial_direction(self, args, kwargs, p_logits):
+            with torch.autocast(p_logits.device.type, dtype=dtype):
+                return super()._adversarial_direction(args, kwargs, p_logits)
+
+        def _divergence(self, p, q, reduction, **kw):
+            return super()._divergence(p, q.to(p.dtype), reduction, **kw)
+
+    return LowPrecisionPowerVAT
 
 
 def regularizer_call(fam, torch):
@@ -430,7 +503,9 @@ def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progre
         ids, mask = enc.batch(b, torch, device)
         y = torch.tensor([enc.labels[i] for i in b], device=device)
         extra = {}
+        w_step = 0.0 if reg is None else term_weight(st.get("schedule"), st["w"], step, cfg["steps"])
         if reg is not None:
+            # the unlabelled stream advances on every step, also on those that skip the term
             pos = next_positions(unl_queue, len(unl), cfg["batch_unlabelled"], g_unl)
             uids, umask = enc.batch([unl[j] for j in pos], torch, device)
             if pass_index:
@@ -439,13 +514,13 @@ def run_one(base, enc, splits, seed, name, fam, over, cfg, torch, device, progre
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y)
         lr_ = None
-        if reg is not None:
+        if w_step:
             if not cfg["vat_dropout"]:
                 model.eval()
             with regularizer_call(fam, torch):
                 lr_ = reg(input_ids=uids, attention_mask=umask, **extra)
             model.train()
-            loss = loss + st["w"] * lr_
+            loss = loss + w_step * lr_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -618,6 +693,8 @@ def describe(settings):
     parts += [f"{k}={v}" for k, v in kw.items()
               if k not in ("eps", "xi", "sigma", "target", "norm", "form", "estimator") and v is not None
               and not (k in ("iters", "k", "samples") and v == 1)]
+    sched = settings.get("schedule") or {}
+    parts += [f"{k}={_fmt(v)}" for k, v in sched.items() if v != SCHEDULE_DEFAULTS[k]]
     return " ".join(parts)
 
 
@@ -813,7 +890,7 @@ def write_protocol_markdown(path, res):
         for row in s["rows"]:
             mark = "**pick**" if row[s["key"]] == s["pick"] else ""
             per = ", ".join(f"{100 * v:.1f}" for _, v in sorted(row["val_per_seed"].items()))
-            lines.append(f"| {name} | {s['key']}={row[s['key']]:g} | {pct(row['val_mean'])} | {per} | {mark} |")
+            lines.append(f"| {name} | {s['key']}={_fmt(row[s['key']])} | {pct(row['val_mean'])} | {per} | {mark} |")
     lines.append("")
     lines.append(f"## 2. Evaluation (fresh seeds {p['eval_seeds']}; settings frozen)")
     lines.append("")
@@ -982,13 +1059,14 @@ def parse_grid(items, grid):
     """['noise.eps=5,10', 'gp.w=0.3'] over a {family: (key, values)} default; an empty list drops a family."""
     grid = dict(grid)
     for item in items or ():
-        m = re.fullmatch(r"([A-Za-z_]+)\.([A-Za-z_]+)=([^=]*)", item.replace(" ", ""))
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_]+)=([^=]*)", item.replace(" ", ""))
         if not m or m.group(1) not in FAMILIES or FAMILIES[m.group(1)]["kind"] is None:
             raise SystemExit(f"cannot read --grid {item!r}: FAMILY.KEY=v1,v2,... with a regularizer family")
         fam, key, vals = m.groups()
-        if key != "w" and key not in FAMILIES[fam]["kwargs"]:
+        defaults = option_defaults(fam)
+        if key == "lr" or key not in defaults:
             raise SystemExit(f"--grid {item!r}: {fam} has no option {key!r}")
-        values = _float_list(vals)
+        values = tuple(_typed(key, v, defaults[key]) for v in vals.split(",") if v.strip() != "")
         if values:
             grid[fam] = (key, values)
         else:
