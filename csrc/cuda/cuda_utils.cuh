@@ -19,6 +19,16 @@
 #include <limits>
 #include <mutex>
 
+// Kernel launch and dynamic shared memory, spelled so that the kernels also build as plain C++
+// against a CUDA emulator (FASTVAT_CUDA_EMU) for CPU-only correctness tests.
+#ifdef FASTVAT_CUDA_EMU
+#define FASTVAT_LAUNCH(grid, block, smem, stream, ...) ::fvemu::launch(__VA_ARGS__, grid, block, smem, stream)
+#define FASTVAT_EXTERN_SHARED(T, name, align) FVEMU_EXTERN_SHARED(T, name, align)
+#else
+#define FASTVAT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define FASTVAT_EXTERN_SHARED(T, name, align) extern __shared__ __align__(align) T name[]
+#endif
+
 namespace fastvat {
 namespace cuda {
 

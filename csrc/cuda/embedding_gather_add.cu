@@ -84,7 +84,7 @@ void launch_gather(const at::Tensor& weight, const at::Tensor& ids, const at::Te
   const int64_t blocks = ceil_div(N, static_cast<int64_t>(by) * kRows);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.embedding_gather_add: too many tokens");
   auto stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
-  gather_add_kernel<T, I, VEC><<<static_cast<unsigned>(blocks), dim3(bx, by), 0, stream>>>(
+  FASTVAT_LAUNCH(static_cast<unsigned>(blocks), dim3(bx, by), 0, stream, gather_add_kernel<T, I, VEC>)(
       weight.data_ptr<T>(), ids.data_ptr<I>(), delta.data_ptr<T>(), di.data_ptr<I>(), out.data_ptr<T>(), N, H,
       weight.size(0), delta.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -255,18 +255,18 @@ void segment_sum(const at::Tensor& grad, const at::Tensor& keys_in, int64_t num_
   const int64_t Hv = aligned ? H / VEC : H;
   const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, round_up(Hv, 32))));
   if (aligned) {
-    segsum_partial_kernel<T, VEC><<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(
+    FASTVAT_LAUNCH(static_cast<unsigned>(num_chunks), threads, 0, stream, segsum_partial_kernel<T, VEC>)(
         grad.data_ptr<T>(), keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), N, H, num_rows, skip_key,
         out.data_ptr<T>(), ws.data_ptr<A>());
   } else {
-    segsum_partial_kernel<T, 1><<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(
+    FASTVAT_LAUNCH(static_cast<unsigned>(num_chunks), threads, 0, stream, segsum_partial_kernel<T, 1>)(
         grad.data_ptr<T>(), keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), N, H, num_rows, skip_key,
         out.data_ptr<T>(), ws.data_ptr<A>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_chunks > 1) {
     const int cthreads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, round_up(H, 32))));
-    segsum_combine_kernel<T><<<static_cast<unsigned>(num_chunks), cthreads, 0, stream>>>(
+    FASTVAT_LAUNCH(static_cast<unsigned>(num_chunks), cthreads, 0, stream, segsum_combine_kernel<T>)(
         keys.data_ptr<int64_t>(), N, H, num_rows, skip_key, ws.data_ptr<A>(), out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

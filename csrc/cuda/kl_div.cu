@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
   const KlEdges<A> ed = kl_load_edges<T>(row, P, Q);
 
-  extern __shared__ __align__(16) unsigned char kl_dyn_smem[];
+  FASTVAT_EXTERN_SHARED(unsigned char, kl_dyn_smem, 16);
   Pack<T, VEC>* cq = reinterpret_cast<Pack<T, VEC>*>(kl_dyn_smem) + threadIdx.x;
   Pack<T, VEC> cp[VPT];
 #pragma unroll
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       A pv[VEC], qv[VEC];
       to_acc<T, VEC>(cp[s], pv);
       to_acc<T, VEC>(cq[s * THREADS], qv);
-      st.add<VEC>(pv, qv);
+      st.template add<VEC>(pv, qv);
     }
   }
   kl_add_edges(row, ed, st);
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(THREADS, (kl_streamed_min_blocks<THREADS>()))
         A pv[VEC], qv[VEC];
         to_acc<T, VEC>(bp[u], pv);
         to_acc<T, VEC>(bq[u], qv);
-        st.add<VEC>(pv, qv);
+        st.template add<VEC>(pv, qv);
       }
     }
   }
@@ -445,7 +445,7 @@ void launch_kl_cached(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T>*
   TORCH_INTERNAL_ASSERT((kl_cached_fits<T, VEC, TEAM, VPT, THREADS>(device)),
                         "fastvat.kl_div_with_logits: kernel shared memory over the device's limit");
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  kl_rows_cached_kernel<T, VEC, TEAM, VPT, THREADS><<<blocks, THREADS, smem, stream>>>(p, q, g, m, rows, N, C);
+  FASTVAT_LAUNCH(blocks, THREADS, smem, stream, kl_rows_cached_kernel<T, VEC, TEAM, VPT, THREADS>)(p, q, g, m, rows, N, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -454,7 +454,7 @@ void launch_kl_streamed(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T
                         int device) {
   const unsigned blocks = kl_blocks<TEAM, THREADS>(N);
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  kl_rows_streamed_kernel<T, VEC, TEAM, THREADS><<<blocks, THREADS, 0, stream>>>(p, q, g, m, rows, N, C);
+  FASTVAT_LAUNCH(blocks, THREADS, 0, stream, kl_rows_streamed_kernel<T, VEC, TEAM, THREADS>)(p, q, g, m, rows, N, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

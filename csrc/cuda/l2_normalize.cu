@@ -374,9 +374,9 @@ void launch_chunks(const L2Src<T, VEC>& src, T* out, int64_t numel, int64_t G, d
   double* wr = work.data_ptr<double>();
   A* ws = reinterpret_cast<A*>(wr + blocks * RK);
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  l2_sumsq_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(src, G, cs, bpg, ws, wr);
+  FASTVAT_LAUNCH(static_cast<unsigned>(blocks), kChunkThreads, 0, stream, l2_sumsq_kernel<T, VEC>)(src, G, cs, bpg, ws, wr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  l2_scale_kernel<T, VEC><<<static_cast<unsigned>(blocks), kChunkThreads, 0, stream>>>(src, out, G, cs, bpg, ws, wr,
+  FASTVAT_LAUNCH(static_cast<unsigned>(blocks), kChunkThreads, 0, stream, l2_scale_kernel<T, VEC>)(src, out, G, cs, bpg, ws, wr,
                                                                                      scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -387,7 +387,7 @@ void launch_rows(const L2Src<T, VEC>& src, T* out, int64_t R, int64_t G, double 
   const int64_t blocks = ceil_div(R, rows_per_block);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvat.l2_normalize: too many groups");
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  l2_rows_kernel<T, VEC, TEAM, VPT, THREADS><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+  FASTVAT_LAUNCH(static_cast<unsigned>(blocks), THREADS, 0, stream, l2_rows_kernel<T, VEC, TEAM, VPT, THREADS>)(
       src, out, R, G, scale, row_mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -198,9 +198,9 @@ void launch_perturb(W* w, const D* d, W* delta, int64_t n, double scale, bool ha
   double* wr = work.data_ptr<double>();
   AD* ws = reinterpret_cast<AD*>(wr + nb * RK);
   auto stream = c10::cuda::getCurrentCUDAStream(device);
-  perturb_sumsq_kernel<D, VEC><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(d, n, cs, ws, wr);
+  FASTVAT_LAUNCH(static_cast<unsigned>(nb), kThreads, 0, stream, perturb_sumsq_kernel<D, VEC>)(d, n, cs, ws, wr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  perturb_update_kernel<W, D, VEC><<<static_cast<unsigned>(nb), kThreads, 0, stream>>>(w, d, delta, n, cs, ws, wr,
+  FASTVAT_LAUNCH(static_cast<unsigned>(nb), kThreads, 0, stream, perturb_update_kernel<W, D, VEC>)(w, d, delta, n, cs, ws, wr,
                                                                                      nb, scale, has_prev);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
