@@ -811,6 +811,74 @@ def ladder_steps(summary, pairs=LADDER):
     return steps
 
 
+# VAT paid for less: each is compared with full VAT on the matrix (the article's settings) on the same seeds.
+FRONTIER_FAMILIES = ("vat_lazy", "vat_warmup", "vat_bf16")
+FRONTIER_REFERENCE = "vat_weight"
+NON_INFERIORITY_PP = -1.0  # the lowest acceptable 95 % lower bound of (setting − full VAT), in points
+
+
+def cost_key(fam, settings):
+    """The name a step-cost file (benchmarks/frontier_step_cost.py) gives this family and schedule."""
+    sc = settings.get("schedule") or {}
+    if fam == "vat_lazy":
+        return f"vat_lazy[every={sc.get('every', 1)}]"
+    if fam == "vat_warmup":
+        mode, _ = parse_warmup(sc.get("warmup", "none"))
+        return "vat_warmup[warmup=ramp*]" if mode == "ramp" else f"vat_warmup[warmup={sc['warmup']}]"
+    return fam
+
+
+def frontier(summary, step_cost=None):
+    """Per frontier method: gain over sup, (method − full VAT) paired on the common seeds, cost per step / sup."""
+    ref = summary.get(FRONTIER_REFERENCE)
+    costs = (step_cost or {}).get("cost_vs_sup", {})
+    rows = []
+    for name in ["sup", FRONTIER_REFERENCE] + [n for n, e in summary.items() if e["family"] in FRONTIER_FAMILIES]:
+        e = summary.get(name)
+        if e is None:
+            continue
+        row = dict(method=name, family=e["family"], n=len(e["seeds"]), gain=e.get("gain"),
+                   cost=costs.get("sup" if name == "sup" else cost_key(e["family"], e["settings"])))
+        if e["family"] in FRONTIER_FAMILIES and ref is not None:
+            dm, dr = e.get("paired_diff", {}), ref.get("paired_diff", {})
+            common = [s for s in dm if s in dr]
+            st = paired_stats([dm[s] - dr[s] for s in common])
+            row["vs_vat"] = st
+            row["non_inferior"] = bool(len(common) >= 2 and not math.isnan(st["ci_low"])
+                                       and 100 * st["ci_low"] >= NON_INFERIORITY_PP)
+        rows.append(row)
+    return rows
+
+
+def plot_frontier(path, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["cost"] is not None and (r["method"] == "sup" or r["gain"])]
+    if len(pts) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in pts:
+        g = r["gain"]
+        y = 0.0 if g is None else 100 * g["mean"]
+        lo = hi = 0.0
+        if g is not None and not math.isnan(g["ci_low"]):
+            lo, hi = y - 100 * g["ci_low"], 100 * g["ci_high"] - y
+        ax.errorbar([r["cost"]], [y], yerr=[[lo], [hi]], fmt="o", capsize=4,
+                    color="black" if r["method"] in ("sup", FRONTIER_REFERENCE) else "tab:blue")
+        ax.annotate(r["method"], (r["cost"], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("cost per optimizer step / supervised step (benchmarks/frontier_step_cost.py)")
+    ax.set_ylabel("test accuracy gain over sup (pp), 95 % CI")
+    ax.set_title("VAT paid for less: gain against cost (fresh seeds, paired)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def protocol_plan(methods, pcfg):
     """The grid each method is selected on: {name: (key, values)}; the methods that need none are absent."""
     plan = {}
@@ -926,6 +994,32 @@ def write_protocol_markdown(path, res):
             diff, pval = fmt_gain(g)
             lines.append(f"| {st['higher']} − {st['lower']} | {g['n']} | {diff} | {pval} | "
                          f"{g['wins']}/{g['ties']}/{g['losses']} |")
+    fr = res.get("frontier") or []
+    if any("vs_vat" in r for r in fr):
+        lines.append("")
+        lines.append("## 4. VAT paid for less (the cost–accuracy frontier)")
+        lines.append("")
+        lines.append(f"Gain over sup and the non-inferiority number: setting − full VAT ({FRONTIER_REFERENCE}) on the "
+                     f"same seeds, mean with a 95 % t-interval; a setting passes when that interval's lower bound is "
+                     f"≥ {NON_INFERIORITY_PP:+.1f} pp. Cost: one optimizer step / one supervised step, from "
+                     f"{res.get('step_cost_source') or 'no step-cost file (pass --step-cost)'} "
+                     "(interleaved timing, not the wall times above). Plot: frontier.png.")
+        lines.append("")
+        lines.append("| method | settings | n | gain over sup (pp) [95 % CI] | setting − VAT (pp) [95 % CI] | Wilcoxon p "
+                     "| W/T/L vs VAT | cost / sup | non-inferior |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for r in fr:
+            e = ev[r["method"]]
+            gain = fmt_gain(r["gain"])[0] if r["gain"] else ""
+            cost = "n/a" if r["cost"] is None else f"{r['cost']:.2f}"
+            if "vs_vat" in r:
+                v = r["vs_vat"]
+                diff, pval = fmt_gain(v)
+                tail = f"{diff} | {pval} | {v['wins']}/{v['ties']}/{v['losses']} | {cost} | " \
+                       f"{'yes' if r['non_inferior'] else 'no'} |"
+            else:
+                tail = f" | | | {cost} | |"
+            lines.append(f"| {r['method']} | {describe(e['settings'])} | {r['n']} | {gain} | {tail}")
     lines.append("")
     lines.append("Per-seed gains: paired_gains.png. torch {torch}, transformers {tr}, fastvat backend {b}.".format(
         torch=res["versions"]["torch"], tr=res["versions"]["transformers"], b=res["versions"]["fastvat_backend"]))
@@ -1037,8 +1131,11 @@ def run_protocol(ctx, methods, pcfg, store, out, res, t_start):
             res["runs"].append(r)
             res["summary"], _ = summarize(res["runs"], frozen)
             res["ladder"] = ladder_steps(res["summary"])
+            res["frontier"] = frontier(res["summary"], ctx.get("step_cost"))
             save()
             plot_gains(out / "paired_gains.png", res["summary"])
+            if any("vs_vat" in r for r in res["frontier"]):
+                plot_frontier(out / "frontier.png", res["frontier"])
     bar.close()
     save()
     return res
@@ -1100,6 +1197,8 @@ def build_parser():
     p.add_argument("--protocol", action="store_true",
                    help="select lr and strengths on validation (selection seeds), then evaluate on fresh seeds")
     p.add_argument("--resume", action="store_true", help="read finished cells back from --out instead of rerunning")
+    p.add_argument("--step-cost", help="protocol: step_cost.json of benchmarks/frontier_step_cost.py, for the "
+                                       "frontier's cost axis")
     p.add_argument("--out", default="sentiment_out", help="output folder")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--methods", help="comma list of " + ", ".join(FAMILIES) + ", each with optional [key=value,..]")
@@ -1235,6 +1334,9 @@ def main(argv=None):
         res["cells"] = []
         ctx = dict(cfg=cfg, base=base, enc=enc, splits=all_splits, torch=torch, device=device, progress=progress,
                    bar=bar)
+        if args.step_cost:
+            ctx["step_cost"] = json.loads(Path(args.step_cost).read_text())
+            res["step_cost_source"] = args.step_cost
         run_protocol(ctx, methods, pcfg, store, out, res, t_start)
         print((out / "results.md").read_text(), flush=True)
         return res

@@ -236,3 +236,51 @@ def test_index_and_pool_size_reach_a_family_that_asks(tmp_path, monkeypatch):
         assert 0 <= int(idx.min()) and int(idx.max()) < n_unl
     both = torch.cat([i for i, _ in seen["calls"]])
     assert len(set(both.tolist())) == len(both)  # one pass over the pool before any repeats
+
+
+def test_schedule_weights_match_full_vat_at_every_1_and_follow_lazy_delay_and_ramp():
+    mod = _load_script()
+    steps = 8
+    full = [mod.term_weight(None, 0.7, s, steps) for s in range(1, steps + 1)]
+    assert full == [0.7] * steps  # a family without a schedule: the term on every step, weight unchanged
+    assert [mod.term_weight({"every": 1, "scaled": True}, 0.7, s, steps) for s in range(1, 9)] == full
+    assert [mod.term_weight({"every": 2, "scaled": False}, 1.0, s, steps) for s in range(1, 9)] == \
+        [1.0, 0, 1.0, 0, 1.0, 0, 1.0, 0]
+    assert [mod.term_weight({"every": 4, "scaled": True}, 1.0, s, steps) for s in range(1, 9)] == \
+        [4.0, 0, 0, 0, 4.0, 0, 0, 0]
+    assert [mod.term_weight({"warmup": "delay0.25"}, 1.0, s, steps) for s in range(1, 9)] == [0, 0] + [1.0] * 6
+    assert [mod.term_weight({"warmup": "ramp0.5"}, 1.0, s, steps) for s in range(1, 9)] == \
+        [0.25, 0.5, 0.75] + [1.0] * 5
+    with pytest.raises(ValueError, match="warmup"):
+        mod.term_weight({"warmup": "ramp1.5"}, 1.0, 1, steps)
+
+
+def test_frontier_families_parse_with_their_schedule_and_old_families_keep_their_settings():
+    mod = _load_script()
+    cfg = dict(lr=2e-4, vat_weight=1.0)
+    (name, fam, over), = mod.parse_methods("vat_lazy[every=4,scaled=true]")
+    assert name == "vat_lazy[every=4,scaled=true]" and over == {"every": 4, "scaled": True}
+    st = mod.method_settings(fam, over, cfg)
+    assert st["schedule"] == {"every": 4, "scaled": True}
+    assert "every" not in st["kwargs"] and "scaled" not in st["kwargs"]
+    # cells saved before schedules existed must still match: no schedule key for the old families
+    assert "schedule" not in mod.method_settings("vat_weight", {}, cfg)
+    grid = mod.parse_grid(["vat_lazy.scaled=false,true", "vat_warmup.warmup=delay0.25,ramp0.5"], {})
+    assert grid == {"vat_lazy": ("scaled", (False, True)), "vat_warmup": ("warmup", ("delay0.25", "ramp0.5"))}
+
+
+def test_frontier_pairs_each_setting_with_full_vat_on_common_seeds():
+    mod = _load_script()
+    st = lambda fam, sched=None: dict(lr=2e-4, w=1.0, kwargs={}, **({"schedule": sched} if sched else {}))
+    summary = {
+        "sup": dict(family="sup", seeds=[1, 2, 3], settings=st("sup")),
+        "vat_weight": dict(family="vat_weight", seeds=[1, 2, 3], settings=st("vat_weight"),
+                           paired_diff={1: 0.02, 2: 0.03, 3: 0.01}, gain=None),
+        "vat_lazy[every=2]": dict(family="vat_lazy", seeds=[1, 2, 3], settings=st("vat_lazy", {"every": 2}),
+                                  paired_diff={1: 0.01, 2: 0.03, 3: 0.02}, gain=None),
+    }
+    rows = {r["method"]: r for r in mod.frontier(summary, {"cost_vs_sup": {"sup": 1.0, "vat_lazy[every=2]": 1.3}})}
+    lazy = rows["vat_lazy[every=2]"]
+    assert lazy["cost"] == 1.3 and lazy["vs_vat"]["n"] == 3
+    assert math.isclose(lazy["vs_vat"]["mean"], 0.0, abs_tol=1e-12)  # (-0.01 + 0 + 0.01) / 3
+    assert "vs_vat" not in rows["vat_weight"]
