@@ -53,6 +53,9 @@ def class_last(logits, class_dim, *, what="the model's logits"):
         return logits
     if not -n <= class_dim < n:
         raise ValueError(f"class_dim={class_dim} is out of range for {what} of shape {tuple(logits.shape)} ({n} dims)")
+    if n > 1 and class_dim % n == 0:
+        raise ValueError(f"class_dim={class_dim} names dim 0 of {what} of shape {tuple(logits.shape)}, the batch "
+                         "dim; the classes lie in another dim")
     return logits if class_dim % n == n - 1 else logits.movedim(class_dim, -1)
 
 
