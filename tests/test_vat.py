@@ -510,3 +510,28 @@ def test_random_start_is_normalised_before_it_is_rounded_to_a_half_type(target, 
     bound = fi.eps / 2 * (1 + 1e-3) * truth.abs() + fi.tiny * fi.eps / 2
     excess = ((r.double() - truth).abs() - bound).max().item()
     assert excess <= 0, excess
+
+
+class _Conv1dTagger(nn.Module):
+    """[N, 2, L] -> [N, 3, L] logits: classes in dim 1, as a Conv1d returns them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.double()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("class_dim,softmax_dim", [(1, 1), (None, -1)], ids=["class_dim=1", "default"])
+def test_three_dim_logits_take_the_last_dim_unless_told(class_dim, softmax_dim):
+    """The documented default: [N, C, L] logits are read as [B, T, C] (the softmax over L) unless
+    class_dim=1 says where the classes are."""
+    model = _Conv1dTagger()
+    x = torch.randn(3, 2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss = fastvat.VAT(model, class_dim=class_dim, generator=torch.Generator().manual_seed(4))(x)
+    r = fastvat.VAT(model, class_dim=class_dim, generator=torch.Generator().manual_seed(4)).perturbation(x)
+    lp, lq = F.log_softmax(model(x), softmax_dim), F.log_softmax(model(x + r), softmax_dim)
+    torch.testing.assert_close(loss, (lp.exp() * (lp - lq)).sum() / x.shape[0])
