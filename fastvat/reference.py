@@ -31,8 +31,8 @@ def group_sum(t: torch.Tensor, norm: str) -> torch.Tensor:
 
     Long groups are summed in chunks of ``CHUNK`` elements and the chunk sums added after, each
     reduction small enough to run on one thread: the result is the same for any number of threads.
-    Token rows of up to ``CHUNK`` elements are summed directly: ATen splits a reduction into many
-    outputs by outputs, and one short row runs on one thread.
+    Token rows of up to ``CHUNK`` elements are summed directly: ATen splits a sum with many outputs
+    between threads by outputs, and sums a single row that short on one thread.
     """
     if norm == "token":
         if t.dim() == 0 or t.shape[-1] <= CHUNK:
