@@ -60,6 +60,17 @@ def optional_dim(name, value):
     return None if value is None else int(value)
 
 
+def class_dim(value):
+    """None or the index of the logits' class dim, which cannot be dim 0: that is the batch."""
+    value = optional_dim("class_dim", value)
+    if value == 0:
+        raise ValueError(
+            "class_dim=0 names the batch dim of the logits; the classes lie in another dim (class_dim=1 "
+            "for [N, C, L] or [N, C, H, W] logits, the default (the last dim) for [B, C] and [B, T, C])"
+        )
+    return value
+
+
 def same_device(name, value, ref_name, ref):
     if value.device != ref.device:
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; move them to one device")

@@ -48,11 +48,15 @@ def class_last(logits, class_dim, *, what="the model's logits"):
             raise ValueError(
                 f"{what} have {n} dims (shape {tuple(logits.shape)}): the last one (dim {n - 1}) would be "
                 f"taken as the classes, which for {n}-D logits is rarely right. Pass class_dim= to choose: "
-                "class_dim=1 for [N, C, H, W] segmentation logits, class_dim=-1 to keep the last dim"
+                "class_dim=1 for [N, C, H, W] segmentation logits, class_dim=-1 to keep the last dim "
+                "(three-dim logits are taken as [B, T, C] unless told: a Conv1d's [N, C, L] needs class_dim=1)"
             )
         return logits
     if not -n <= class_dim < n:
         raise ValueError(f"class_dim={class_dim} is out of range for {what} of shape {tuple(logits.shape)} ({n} dims)")
+    if n > 1 and class_dim % n == 0:
+        raise ValueError(f"class_dim={class_dim} names dim 0 of {what} of shape {tuple(logits.shape)}, the batch "
+                         "dim; the classes lie in another dim")
     return logits if class_dim % n == n - 1 else logits.movedim(class_dim, -1)
 
 

@@ -23,7 +23,7 @@ class Regularizer:
         # what a NaN/Inf does in a call, for every regularizer (fastvat/_nonfinite.py)
         self.nonfinite = _checks.choice("nonfinite", nonfinite, _nonfinite.MODES)
         # the logits' class dim; None: the last, refused for logits of 4+ dims (see _model_io.class_last)
-        self.class_dim = _checks.optional_dim("class_dim", class_dim)
+        self.class_dim = _checks.class_dim(class_dim)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -92,8 +92,11 @@ class Target:
 
     def _normalise(self, d, scale, like, extra_sumsq=None):
         if extra_sumsq is None:
-            return ops.l2_normalize(d.to(like.dtype) if d.dtype != like.dtype else d,
-                                    scale=scale, norm=self.norm, mask=self.mask)
+            # normalised in the wider of d's and like's dtypes, then rounded once to like's (the
+            # dtype r is added in): a float32 direction is not rounded to bf16 before its norm
+            wide = torch.promote_types(d.dtype, like.dtype)
+            r = ops.l2_normalize(d if d.dtype == wide else d.to(wide), scale=scale, norm=self.norm, mask=self.mask)
+            return r if r.dtype == like.dtype else r.to(like.dtype)
         # Global norm that also counts the mass of rows outside the batch (weight target).
         dt = ref.acc_dtype(d.dtype)
         d = d.to(dt)

@@ -31,7 +31,9 @@ class GradientPenalty(Regularizer):
     form ``"mse"``: ``sum_i ||grad_x f_i||²`` (what Gaussian noise on a squared loss adds, to
     second order); form ``"kl"``: ``sum_i ||grad_x p_i||² / p_i`` with ``p = softmax(f)`` (the
     KL case), computed as ``4 sum_i ||grad_x sqrt(p_i)||²``.
-    estimator ``"exact"`` takes one gradient per output (fine for few classes);
+    estimator ``"exact"`` takes one gradient per output of an example, that is per class and per
+    position of logits with positions (``[B, T, C]``, ``[N, C, H, W]``: classes x positions gradients,
+    since a position's gradient may involve every input); fine for few outputs;
     ``"rademacher"`` takes one gradient of ``u·f`` (``u`` of ±1) per sample draw, an unbiased
     estimate whose cost does not grow with the number of outputs.
     The gradient is per example, which assumes the model mixes no information across the
@@ -74,9 +76,12 @@ class GradientPenalty(Regularizer):
                 if self.form == "kl":
                     out = 2.0 * torch.softmax(out, dim=-1).clamp_min(1e-30).sqrt()
                 if self.estimator == "exact":
+                    # one output of every example at a time: summing a class over positions first
+                    # would add up the positions' gradients before squaring them
+                    per_example = out.flatten(1) if out.dim() > 1 else out.reshape(1, -1)
                     total = 0.0
-                    for c in range(out.shape[-1]):
-                        g = _grad_or_zero(out[..., c].sum(), r)
+                    for k in range(per_example.shape[1]):
+                        g = _grad_or_zero(per_example[:, k].sum(), r)
                         total = total + self._per_example_sqnorm(g)
                     penalty = total.sum() / max(total.numel(), 1)  # an empty batch gives 0, not NaN
                 else:

@@ -31,17 +31,25 @@ def group_sum(t: torch.Tensor, norm: str) -> torch.Tensor:
 
     Long groups are summed in chunks of ``CHUNK`` elements and the chunk sums added after, each
     reduction small enough to run on one thread: the result is the same for any number of threads.
+    Token rows of up to ``CHUNK`` elements are summed directly: ATen splits a sum with many outputs
+    between threads by outputs, and sums a single row that short on one thread.
     """
     if norm == "token":
-        return t.sum(-1, keepdim=True)
-    groups = 1 if norm == "global" else t.shape[0]
-    flat = t.reshape(groups, -1)
+        if t.dim() == 0 or t.shape[-1] <= CHUNK:
+            return t.sum(-1, keepdim=True)
+        flat = t.reshape(-1, t.shape[-1])
+        groups = flat.shape[0]
+    else:
+        groups = 1 if norm == "global" else t.shape[0]
+        flat = t.reshape(groups, -1)
     size = flat.shape[1]
     whole = size - size % CHUNK
     sums = flat[:, :whole].reshape(groups, -1, CHUNK).sum(-1)
     if whole < size:
         sums = torch.cat([sums, flat[:, whole:].sum(-1, keepdim=True)], dim=1)
     total = sums.sum(-1)
+    if norm == "token":
+        return total.reshape(t.shape[:-1] + (1,))
     if norm == "global":
         return total.reshape((1,) * t.dim())
     return total.reshape((t.shape[0],) + (1,) * (t.dim() - 1))
@@ -109,8 +117,9 @@ def l2_normalize(x, scale=1.0, norm="global", mask=None, baseline=None):
 
 def perturb_(weight, direction, scale, previous=None, out=None):
     """The article's in-place step: new = scale*d/||d|| (global), weight += new - previous."""
-    # the perturbation is stored in weight's dtype (direction may have another floating dtype)
-    new = l2_normalize(direction, scale=scale, norm="global").to(weight.dtype)
+    # formed in the wider of the two dtypes, then stored in weight's (one rounding)
+    wide = torch.promote_types(weight.dtype, direction.dtype)
+    new = l2_normalize(direction.to(wide), scale=scale, norm="global").to(weight.dtype)
     if previous is not None:
         # one rounding: weight + (new - previous) in the accumulation dtype
         acc = acc_dtype(weight.dtype)

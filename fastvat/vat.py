@@ -47,7 +47,7 @@ class VAT(Regularizer):
     xi -> 0 step (one jvp + one vjp, fastvat._hvp) in fp16/bf16, where x + xi*d rounds back to x;
     ``"exact"`` or ``"finite_difference"`` force one (docs/integrations.md, "Mixed precision").
     ``class_dim``: the dim of the logits that holds the classes. Default: the last (``[B, C]``,
-    ``[B, T, C]``); logits of four or more dims need it said (``class_dim=1`` for ``[N, C, H, W]``).
+    ``[B, T, C]``), so a Conv1d's ``[N, C, L]`` needs ``class_dim=1``; 4+ dims need it said; never 0.
     """
 
     def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
@@ -203,7 +203,7 @@ class VATLoss(nn.Module):
         self.xi = _checks.finite_number("xi", xi, positive=True)
         self.eps = _checks.finite_number("eps", eps, positive=True)
         self.ip = _checks.nonnegative_int("ip", ip)
-        self.class_dim = _checks.optional_dim("class_dim", class_dim)
+        self.class_dim = _checks.class_dim(class_dim)
         # The one thing a VAT learns about a model across calls: that it has no forward-mode AD (so
         # the exact low-precision power step is not retried). Kept weakly: a VAT holds its model, so
         # one is built per call rather than cached, and a deleted model is freed.

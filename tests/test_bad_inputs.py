@@ -319,6 +319,12 @@ def _user_cases():
         m, lambda: fastvat.GradientPenalty(m, class_dim=1.0), TypeError, r"^class_dim must be an int"))(_bn_mlp())
     c["VATLoss/class_dim as a string"] = lambda: (None, {}, lambda: fastvat.VATLoss(class_dim="1"), TypeError,
                                                   r"^class_dim must be an int")
+    for cls, make in [("VAT", fastvat.VAT), ("RandomNoise", fastvat.RandomNoise),
+                      ("GradientPenalty", fastvat.GradientPenalty)]:
+        c[f"{cls}/class_dim=0 (the batch dim)"] = (lambda make: lambda: (lambda m: _model_case(
+            m, lambda: make(m, class_dim=0), ValueError, r"^class_dim=0 names the batch dim"))(_bn_mlp()))(make)
+    c["VATLoss/class_dim=0 (the batch dim)"] = lambda: (None, {}, lambda: fastvat.VATLoss(class_dim=0), ValueError,
+                                                        r"^class_dim=0 names the batch dim")
     c["VATLoss/eps=0"] = lambda: (None, {}, lambda: fastvat.VATLoss(eps=0), ValueError, r"^eps must be > 0")
     c["VATLoss/ip=-1"] = lambda: (None, {}, lambda: fastvat.VATLoss(ip=-1), ValueError, r"^ip must be >= 0")
     c["RandomNoise/k=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.RandomNoise(m, k=0), ValueError,
@@ -424,6 +430,11 @@ def _user_cases():
         r"^class_dim=4 is out of range for the model's logits of shape \(2, 3, 4, 5\)")
     c["VAT/class_dim out of range, negative"] = vat_call(_bn_mlp, {"class_dim": -3}, [X], {}, ValueError,
                                                          r"^class_dim=-3 is out of range")
+    c["VAT/class_dim=-2 of [N, C] logits (the batch dim)"] = vat_call(
+        _bn_mlp, {"class_dim": -2}, [X], {}, ValueError,
+        r"^class_dim=-2 names dim 0 of the model's logits of shape \(4, 3\), the batch dim")
+    c["GradientPenalty/class_dim=-4 of [N, C, H, W] logits"] = vat_call(
+        _segmenter, {"class_dim": -4}, [seg], {}, ValueError, r"^class_dim=-4 names dim 0", cls=fastvat.GradientPenalty)
     c["VATLoss/4-D logits without class_dim"] = lambda: (lambda m, x: (m, {"x": x}, lambda: fastvat.VATLoss()(m, x),
                                                                        ValueError, r"4 dims.*class_dim="))(
         _segmenter(), seg())

@@ -159,6 +159,39 @@ def test_l2_normalize_tiny_and_empty(device, norm):
         assert out.shape == () and out.item() == -3.0
 
 
+# (x's dtype, baseline's dtype): the output and the arithmetic take the promoted one
+MIXED = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float64),
+         (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16), (torch.float64, torch.float32)]
+MIXED_IDS = [f"{DTYPE_IDS[DTYPES.index(a)]}-{DTYPE_IDS[DTYPES.index(b)]}" for a, b in MIXED]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", MIXED, ids=MIXED_IDS)
+@pytest.mark.parametrize("norm", ["global", "sample", "token"])
+def test_l2_normalize_baseline_of_another_dtype_is_never_rounded_down(device, dtypes, norm):
+    """A finite difference x - baseline at 1e-3 against float64 truth: the baseline is not rounded to
+    x's dtype first (which leaves a bf16 x's difference mostly rounding noise), and the output has the
+    dtype of x - baseline. The gradients come back in each input's own dtype."""
+    xd, bd = dtypes
+    wide = torch.promote_types(xd, bd)
+    x = randn(3, 4, 50, dtype=xd, device=device).requires_grad_()
+    b = (x.detach().double() + 1e-3 * randn(3, 4, 50, dtype=torch.float64, device=device, seed=1)).to(bd)
+    b.requires_grad_()
+    m = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool, device=device)
+    out = ops.l2_normalize(x, scale=2.0, norm=norm, mask=m, baseline=b)
+    assert out.dtype == wide
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    expected = ref.l2_normalize(x64, scale=2.0, norm=norm, mask=m.double(), baseline=b64)
+    assert_close(out, expected, wide)
+    g = randn(3, 4, 50, dtype=torch.float64, device=device, seed=2)
+    (out * g.to(wide)).sum().backward()
+    (expected * g).sum().backward()
+    assert x.grad.dtype == xd and b.grad.dtype == bd
+    # each gradient in its own dtype, to that dtype's precision relative to its largest entry
+    for got, want, dt in ((x.grad, x64.grad, xd), (b.grad, b64.grad, bd)):
+        assert_close(got, want, dt, scale=want.abs().max().item() * 1e2)
+
+
 @pytest.mark.skipif(not CPU_KERNELS, reason="vectorized CPU kernels not in use")
 @pytest.mark.parametrize("norm", ["global", "sample", "token"])
 def test_l2_normalize_independent_of_thread_count(norm):
@@ -174,6 +207,28 @@ def test_l2_normalize_independent_of_thread_count(norm):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("norm", ["global", "sample", "token"])
+@pytest.mark.parametrize("shape", [(1, 40000), (1, 70000), (1, 1000003), (2, 1, 40000)], ids=str)
+def test_l2_normalize_backward_of_one_long_row_independent_of_thread_count(norm, shape):
+    """One long group: a plain sum over it is split by ATen into as many parts as there are threads;
+    the group sums of the backward are chunked by shape alone, so 1, 2 and 3 threads agree bit for bit."""
+    x = randn(*shape).requires_grad_()
+    g = randn(*shape, seed=1)
+    before = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x.grad = None
+            out = ops.l2_normalize(x, norm=norm)
+            (out * g).sum().backward()
+            res.append((out.detach(), x.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    for out, grad in res[1:]:
+        assert torch.equal(out, res[0][0]) and torch.equal(grad, res[0][1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

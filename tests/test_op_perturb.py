@@ -150,7 +150,7 @@ def test_perturb_direction_of_other_dtype_and_zero_direction(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_perturb_rounding_matches_the_reference_bit_for_bit(device):
     """16-bit weight with previous: weight = round(weight + (new - previous)), one rounding; a 16-bit
-    direction for a wider weight: new is rounded to the direction's dtype first (l2_normalize's output)."""
+    direction for a wider weight: new is formed in the weight's dtype."""
     g = torch.Generator().manual_seed(3)
     n = 2 * 16384 + 5
     d = exact_norm_direction(n, [1.0, 1.5, 1.25, 0.75], g)
@@ -165,12 +165,45 @@ def test_perturb_rounding_matches_the_reference_bit_for_bit(device):
     assert torch.equal(w.cpu(), w_ref), int((w.cpu() != w_ref).sum())
     expected = (w0.float() + (prev_ref.float() - prev0.float())).to(torch.bfloat16)
     assert torch.equal(w_ref, expected)
-    # bf16 direction, float32 weight: delta == the bf16 result widened
+    # bf16 direction, float32 weight: formed in float32 (not rounded to bf16 on the way)
     dir16 = (d * 1.001).to(torch.bfloat16)
     w32 = torch.zeros(n, device=device)
     new = ops.perturb_(w32, dir16.to(device), scale=scale)
     assert new.dtype == torch.float32
-    assert torch.equal(new.cpu(), ref.l2_normalize(dir16, scale=scale, norm="global").float())
+    assert torch.equal(new.cpu(), ref.l2_normalize(dir16.float(), scale=scale, norm="global"))
+
+
+# (weight's dtype, direction's dtype)
+MIXED = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.float64, torch.float32),
+         (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float64)]
+MIXED_IDS = [f"w{DTYPE_IDS[DTYPES.index(a)]}-d{DTYPE_IDS[DTYPES.index(b)]}" for a, b in MIXED]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", MIXED, ids=MIXED_IDS)
+@pytest.mark.parametrize("with_previous", [False, True], ids=["fresh", "previous"])
+def test_perturb_direction_of_another_dtype_is_formed_in_the_wider(device, dtypes, with_previous):
+    """new = scale * d / ||d|| against float64 truth, to the precision of the weight's dtype (where new
+    is stored) whatever the direction's: a narrower direction is not a narrower perturbation."""
+    wd, dd = dtypes
+    d = randn(33, 129, dtype=dd, device=device, seed=1)
+    w0 = randn(33, 129, dtype=wd, device=device, scale=0.1)
+    prev0 = randn(33, 129, dtype=wd, device=device, seed=2, scale=0.01)
+    w = w0.clone()
+    prev = prev0.clone() if with_previous else None
+    new = ops.perturb_(w, d, scale=0.7, previous=prev)
+    assert new.dtype == wd
+    truth = 0.7 * d.double() / d.double().norm()
+    # one rounding to the weight's dtype: at most half a unit in the last place (half the subnormal
+    # spacing below the normals), plus a few units of the arithmetic in a float32/float64 weight's dtype
+    fi = torch.finfo(wd)
+    slack = 8 * fi.eps if wd in (torch.float32, torch.float64) else 1e-3 * fi.eps
+    bound = (fi.eps / 2 + slack) * truth.abs() + fi.tiny * fi.eps / 2
+    excess = ((new.double() - truth).abs() - bound).max().item()
+    assert excess <= 0, excess
+    acc = ref.acc_dtype(wd)
+    step = new.to(acc) - (prev0.to(acc) if with_previous else 0)
+    assert torch.equal(w, (w0.to(acc) + step).to(wd))
 
 
 @pytest.mark.skipif(not CPU_KERNELS, reason="vectorized CPU kernels not in use")

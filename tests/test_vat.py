@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvat
+from fastvat import reference as ref
 from fastvat._targets import chi2_sample
 
 from hessian import abs_cos, kl_sum, top_eigvec
@@ -471,3 +472,66 @@ def test_default_xi_gives_the_hessian_direction_in_float32(xi, min_cos):
         h = torch.autograd.functional.hessian(lambda z: kl_sum(p, m64(xi_ + z.reshape(1, 20))), torch.zeros(20, dtype=torch.float64))
         assert abs_cos(r[i].double(), h @ d0[i].double()) > min_cos
     model.float()
+
+
+class _EmbedThenLinear(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 33)
+        self.out = nn.Linear(33, 5)
+        self.to(dtype)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("norm", ["global", "sample", "token"])
+@pytest.mark.parametrize("target", ["input", "output"])
+def test_random_start_is_normalised_before_it_is_rounded_to_a_half_type(target, norm, dtype):
+    """The float32 random start of a bf16/fp16 model is normalised in float32 and rounded once: every
+    element within half a unit in the last place of the float64 truth (rounding the draw to 16 bits
+    before its norm, then the result again, exceeds that)."""
+    if target == "input":
+        model = nn.Linear(33, 5).to(dtype)
+        x = torch.randn(4, 6, 33).to(dtype)
+        kw = {}
+    else:
+        model = _EmbedThenLinear(dtype)
+        x = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(1))
+        kw = {"embedding": model.emb, "target": "output"}
+    vat = fastvat.VAT(model, iters=0, eps=0.5, norm=norm, generator=torch.Generator().manual_seed(3), **kw)
+    r = vat.perturbation(x)
+    assert r.dtype == dtype and r.shape == (4, 6, 33)
+    draw = torch.randn(4, 6, 33, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    truth = ref.l2_normalize(draw.double(), scale=0.5, norm=norm)
+    fi = torch.finfo(dtype)
+    bound = fi.eps / 2 * (1 + 1e-3) * truth.abs() + fi.tiny * fi.eps / 2
+    excess = ((r.double() - truth).abs() - bound).max().item()
+    assert excess <= 0, excess
+
+
+class _Conv1dTagger(nn.Module):
+    """[N, 2, L] -> [N, 3, L] logits: classes in dim 1, as a Conv1d returns them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.double()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("class_dim,softmax_dim", [(1, 1), (None, -1)], ids=["class_dim=1", "default"])
+def test_three_dim_logits_take_the_last_dim_unless_told(class_dim, softmax_dim):
+    """The documented default: [N, C, L] logits are read as [B, T, C] (the softmax over L) unless
+    class_dim=1 says where the classes are."""
+    model = _Conv1dTagger()
+    x = torch.randn(3, 2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss = fastvat.VAT(model, class_dim=class_dim, generator=torch.Generator().manual_seed(4))(x)
+    r = fastvat.VAT(model, class_dim=class_dim, generator=torch.Generator().manual_seed(4)).perturbation(x)
+    lp, lq = F.log_softmax(model(x), softmax_dim), F.log_softmax(model(x + r), softmax_dim)
+    torch.testing.assert_close(loss, (lp.exp() * (lp - lq)).sum() / x.shape[0])

@@ -114,8 +114,8 @@ namespace cpu {
 namespace {
 
 // Same math with ATen ops, for CPUs without the kernels' ISA and for a direction of another dtype
-// than the weight (normalised in the direction's precision, then rounded to the weight's, as the
-// reference does).
+// than the weight (normalised in the direction's precision, then rounded to the weight's). ops.perturb_
+// widens a direction narrower than the weight first, so that here the direction is the wider one.
 void perturb_fallback(at::Tensor& w, const at::Tensor& d, at::Tensor& delta, double scale, bool has_previous) {
   const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto dacc = d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -10,7 +10,8 @@
 // direction data read last is still in L2.
 //
 // Rounding follows fastvat.reference.perturb_: nd = D(acc(direction) * f) (l2_normalize's output
-// in direction's dtype D), then new = W(nd) (the perturbation is stored in weight's dtype W) and
+// in direction's dtype D), then new = W(nd) (the perturbation is stored in weight's dtype W; ops.perturb_
+// widens a direction narrower than W first, so D(...) never rounds below W) and
 //   with previous: weight = W(acc(weight) + acc(W(acc(new) - acc(previous))))   acc = opmath(W)
 //   without:       weight = W(acc(weight) + acc(new))
 //   delta = new

@@ -17,7 +17,10 @@ def l2_normalize(x, *, scale=1.0, norm="global", mask=None, baseline=None):
     ``"token"`` one per vector along the last dim. mask: bool or 0/1 over leading dims of x
     (e.g. ``[B, T]`` for ``[B, T, H]``); masked positions are zero and stay out of the norm.
     baseline: optional tensor of x's shape; fuses the finite-difference form ``x - baseline``.
-    A group whose norm is zero gives zeros (never NaN). Differentiable in x and baseline.
+    The output has x's dtype, or with a baseline ``torch.promote_types(x.dtype, baseline.dtype)``
+    (the dtype of ``x - baseline``): a baseline of another dtype is never rounded to x's, where the
+    difference of two close tensors would lose its digits. A group whose norm is zero gives zeros
+    (never NaN). Differentiable in x and baseline.
     """
     _checks.tensor("x", x, floating=True)
     scale = _checks.finite_number("scale", scale)
@@ -28,12 +31,14 @@ def l2_normalize(x, *, scale=1.0, norm="global", mask=None, baseline=None):
         _checks.tensor("baseline", baseline, floating=True)
         _checks.same_device("baseline", baseline, "x", x)
         _checks.same_shape("baseline", baseline, "x", x)
+    if baseline is not None and baseline.dtype != x.dtype:
+        # both widened (exactly) to the dtype of x - baseline: the kernels take one dtype
+        wide = torch.promote_types(x.dtype, baseline.dtype)
+        x, baseline = x.to(wide), baseline.to(wide)
     if mask is not None:
         mask = _checks.leading_mask(mask, x)
     if not use_kernel(x):
         return ref.l2_normalize(x, scale=scale, norm=norm, mask=mask, baseline=baseline)
-    if baseline is not None and baseline.dtype != x.dtype:
-        baseline = baseline.to(x.dtype)
     return torch.ops.fastvat.l2_normalize(x, baseline, mask, scale, norm)
 
 

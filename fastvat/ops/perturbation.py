@@ -17,6 +17,9 @@ def perturb_(weight, direction, *, scale, previous=None, out=None):
     direction may be the very same memory as weight, previous or out (it is read in full first),
     and out the same as previous; any other sharing of memory between the arguments (views of one
     buffer that partly overlap, or previous/out being weight) is a ValueError.
+    ``new`` is formed in ``torch.promote_types(weight.dtype, direction.dtype)`` and rounded once to
+    weight's dtype, the dtype it is stored in: a direction narrower than the weight (bf16 for a float32
+    weight) gives a perturbation of the weight's precision, not one rounded to the direction's.
     """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("direction", direction, floating=True)
@@ -32,6 +35,10 @@ def perturb_(weight, direction, *, scale, previous=None, out=None):
                 raise TypeError(f"{name} must have weight's dtype {weight.dtype}, got {buf.dtype}")
     _checks.not_grad_leaf("weight", weight)
     _check_perturb_overlap(weight=weight, direction=direction, previous=previous, out=out)
+    wide = torch.promote_types(weight.dtype, direction.dtype)
+    if direction.dtype != wide:
+        # a copy, read before anything is written: the kernels normalise in the direction's dtype
+        direction = direction.to(wide)
     if not use_kernel(weight):
         return ref.perturb_(weight, direction, scale, previous=previous, out=out)
     if previous is not None and out is not None and out is not previous:
