@@ -29,7 +29,8 @@ IGNORE_INDEX = -100  # the label of positions that are not trained (prompt, padd
 # multimodal ForConditionalGeneration) forward methods; docs/integrations.md has the table by family.
 # A scale is linear and is folded into the fused KL exactly; a soft cap is not linear and is refused;
 # "none": the model has the attribute but does not apply it to the head's output.
-MULTIPLY, DIVIDE, SOFTCAP, NONE, VOCAB_SLICE = "multiply", "divide", "softcap", "none", "vocabulary slice"
+MULTIPLY, DIVIDE, SOFTCAP, NONE = "multiply", "divide", "softcap", "none"
+VOCAB_SLICE, STREAMS = "vocabulary slice", "n-gram streams"
 _GRANITE = ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
             "granite4_vision", "granite_docling")
 _COHERE = ("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text", "aya_vision")
@@ -43,10 +44,9 @@ LOGIT_TRANSFORMS = {
     "lm_head_multiplier": {"falcon_h1": MULTIPLY},
     "output_multiplier": {"muse_spark": MULTIPLY, "muse_glimmer": MULTIPLY},
     "unpadded_vocab_size": {"*": VOCAB_SLICE},  # Inkling keeps the first n columns of the logits
+    # ProphetNet runs its head on n streams and keeps the first as the logits
+    "ngram": {"prophetnet": STREAMS, "*": NONE},
 }
-
-
-_MISSING = object()
 
 
 def _forward_owner(cls):
@@ -69,8 +69,8 @@ def _owner(model, head):
 
 def _config_value(config, attr):
     """``config.attr``, else the text config's (a multimodal config keeps the language model's there)."""
-    value = getattr(config, attr, _MISSING)
-    if value is not _MISSING:
+    value = getattr(config, attr, None)
+    if value is not None:
         return value
     get_text = getattr(config, "get_text_config", None)
     text = get_text() if callable(get_text) else None
@@ -106,9 +106,11 @@ def logit_scale(owner, vocab_size) -> float:
                 f"head= cannot be used with a model that soft-caps its logits (config.{attr}={value}); "
                 "call the regularizer without head= (the logits are then built)"
             )
-        if kind == VOCAB_SLICE:
-            if isinstance(value, int) and value >= vocab_size:
+        if kind in (VOCAB_SLICE, STREAMS):
+            if kind == VOCAB_SLICE and isinstance(value, int) and value >= vocab_size:
                 continue  # keeps every column
+            if kind == STREAMS and value == 1:
+                continue  # one stream: the logits are the head's output
             raise ValueError(
                 f"head= cannot be used with a model whose forward changes the head's output ({kind}: "
                 f"config.{attr}={value}); call the regularizer without head= (the logits are then built)"

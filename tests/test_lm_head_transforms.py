@@ -160,6 +160,18 @@ def test_a_vocabulary_slice_is_refused():
         fastvat.VAT(model, embedding=model.get_input_embeddings(), head=head)
 
 
+def test_prophetnets_ngram_streams_are_refused():
+    """Its head runs on n streams of hidden states and the logits are the first stream's."""
+    cfg = transformers.ProphetNetConfig(vocab_size=VOCAB, hidden_size=16, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                        num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+                                        num_decoder_attention_heads=2, ngram=2)
+    model = transformers.ProphetNetForCausalLM(cfg)
+    with pytest.raises(ValueError, match="config.ngram=2"):
+        fastvat.VAT(model, embedding=model.get_input_embeddings(), head=model.get_output_embeddings())
+    model.config.ngram = 1
+    fastvat.VAT(model, embedding=model.get_input_embeddings(), head=model.get_output_embeddings())
+
+
 @pytest.mark.parametrize("value", [0.0, float("inf")])
 def test_a_scale_that_is_not_a_finite_nonzero_number_is_refused(value):
     model = tiny("granite")
