@@ -145,10 +145,9 @@ class HeadCapture:
             )
         owner = _owner(model, head)
         self.scale = logit_scale(owner, head.out_features)
-        # an encoder-decoder model of the BART family adds a [1, V] buffer to the head's output
-        extra = getattr(owner, "final_logits_bias", None)
-        self.extra_bias = extra if isinstance(extra, torch.Tensor) and extra.numel() == head.out_features else None
+        self.owner = owner
         self.module = head
+        self._final_logits_bias()  # a dtype it cannot take is refused now, not after the passes
         self.hidden = None
 
     @property
@@ -158,12 +157,25 @@ class HeadCapture:
     @property
     def bias(self):
         """The bias of the logits the model forms: the head's, plus the owner's final_logits_bias, times the scale."""
-        b = self.module.bias
-        if self.extra_bias is not None:
-            # in the head's dtype, which the fused op needs (the model adds it in the buffer's dtype)
-            extra = self.extra_bias.detach().reshape(-1).to(self.module.weight)
+        b, extra = self.module.bias, self._final_logits_bias()
+        if extra is not None:
             b = extra if b is None else b + extra
         return b if b is None or self.scale == 1 else b * self.scale
+
+    def _final_logits_bias(self):
+        """The [1, V] buffer a BART-family encoder-decoder adds to its head's output, as a [V] bias in
+        the head's dtype (the fused op's), or None. Looked up at each use: model.to() replaces buffers."""
+        extra, w = getattr(self.owner, "final_logits_bias", None), self.module.weight
+        if not isinstance(extra, torch.Tensor) or extra.numel() != w.shape[0]:
+            return None
+        extra = extra.detach().reshape(-1)
+        if torch.promote_types(extra.dtype, w.dtype) != w.dtype:
+            # the model adds it in its own, wider dtype; rounding it to the head's would be another bias
+            raise TypeError(
+                f"head= needs the model's final_logits_bias in the head's dtype or narrower, got {extra.dtype} for a "
+                f"{w.dtype} head; cast the whole model (model.to(dtype)) or call the regularizer without head="
+            )
+        return extra.to(device=w.device, dtype=w.dtype)
 
     @property
     def out_features(self):

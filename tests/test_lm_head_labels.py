@@ -173,3 +173,10 @@ def test_an_encoder_decoders_labels_are_not_shifted(kind):
     expected = ((lp.exp() * (lp - lq)).sum(-1) * (labels != -100)).sum() / 2
     # (a small KL, summed from terms larger than itself: rounding is relatively large)
     torch.testing.assert_close(r(**inputs).detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_a_final_logits_bias_wider_than_the_head_is_refused():
+    model = tiny_bart().float()
+    model.final_logits_bias = model.final_logits_bias.double()
+    with pytest.raises(TypeError, match="final_logits_bias.*float64.*float32"):
+        fastvat.VAT(model, embedding=model.model.encoder.embed_tokens, head=model.get_output_embeddings())

@@ -81,6 +81,16 @@ def test_fused_loss_and_gradients_equal_the_unfused_path(family, kind):
     assert_same(*runs)
 
 
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_bf16_fused_loss_matches_the_unfused_path_within_bf16(family):
+    model = tiny(family).to(torch.bfloat16)
+    ids, am = batch()
+    fused, unfused = [fastvat.VAT(model, embedding=model.get_input_embeddings(), head=h, eps=1.0, xi=1.0,
+                                  hvp="finite_difference", generator=torch.Generator().manual_seed(1))(
+                          ids, attention_mask=am).detach() for h in (model.get_output_embeddings(), None)]
+    torch.testing.assert_close(fused, unfused, rtol=0.05, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["vat", "noise_symmetric"])
 def test_the_scale_reaches_the_heads_bias(kind):
     model = tiny("granite", bias=True)
