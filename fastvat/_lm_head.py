@@ -246,11 +246,8 @@ def label_shift(model, head) -> int | None:
         return 0
     if head is not None:
         return 1
-    can_generate = getattr(model, "can_generate", None)
-    try:
-        return 1 if callable(can_generate) and can_generate() is True else None
-    except Exception:  # a model whose can_generate needs more than the model (not a causal LM of transformers)
-        return None
+    can_generate = getattr(model, "can_generate", None)  # transformers' models: True for causal LMs
+    return 1 if callable(can_generate) and can_generate() is True else None
 
 
 def trained_positions(labels, shape, shift):
