@@ -132,14 +132,15 @@ def _primal_pass(model, target, args, kwargs, class_last, rng):
         return class_last(extract_logits(out)), box["z0"]
 
 
-def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
+def exact_step(model, target, args, kwargs, d, *, start, class_last, strict, row_mask=None):
     """One power step ``d <- H d`` (the xi -> 0 limit), H the Gauss–Newton Hessian of D at r = 0.
 
     d is None for the first step, whose direction ``start()`` sets on the target (a random
     start, drawn as the finite-difference path draws it). ``class_last`` puts the logits' class
-    dim last. Returns a tensor shaped like the perturbation (what ``grad_r D`` would be), up to a
-    global scale. A model without forward-mode AD raises ``FallBack`` (a RuntimeError when
-    ``strict``: the caller forced the exact step).
+    dim last; ``row_mask`` (default: the target's) gives the logits' rows that count. Returns a
+    tensor shaped like the perturbation (what ``grad_r D`` would be), up to a global scale. A model
+    without forward-mode AD raises ``FallBack`` (a RuntimeError when ``strict``: the caller forced
+    the exact step).
     """
     if d is None:
         start()
@@ -170,7 +171,7 @@ def exact_step(model, target, args, kwargs, d, *, start, class_last, strict):
                 else:
                     jd = tangent.detach().to(dt)
                     w = q * (jd - (q * jd).sum(-1, keepdim=True))
-                mask = target.row_mask_for(primal)
+                mask = (row_mask or target.row_mask_for)(primal)
                 if mask is not None:
                     w = w * mask.to(dt).reshape(tuple(mask.shape) + (1,))
                 w = w / w.abs().amax().clamp_min(torch.finfo(dt).tiny) if w.numel() else w

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastvat import _checks, _nonfinite, ops
-from fastvat._lm_head import HeadCapture, trained_positions
+from fastvat._lm_head import HeadCapture, label_shift, trained_positions
 from fastvat._model_io import StateGuard, class_last, extract_logits, resolve_embedding, strip_labels
 from fastvat._targets import InputTarget, OutputTarget, WeightTarget
 
@@ -62,7 +62,10 @@ class Regularizer:
             if class_dim not in (None, -1):
                 raise ValueError("class_dim does not apply with head=: the head's output dim holds the vocabulary")
             self._head = HeadCapture(model, head)
-        self._labels = None  # the call's labels, which mark the trained positions of a language model
+        # how the call's labels mark the positions a language model trains (None: they do not)
+        self._label_shift = label_shift(model, head)
+        self._labels = None
+        self._positions = None  # the call's trained positions, from its labels and the clean logits' shape
         self._busy = False
         self._given_logits = None  # the caller's logits= during a call, checked against the model's
 
@@ -80,7 +83,8 @@ class Regularizer:
                 f"{type(self).__name__} was called again while one of its calls is running "
                 "(e.g. from inside the model's forward); use a second instance for nested use"
             )
-        self._labels = kwargs.get("labels") if self._head is not None else None
+        self._labels = kwargs.get("labels") if self._label_shift is not None else None
+        self._positions = None
         if self.drop_labels:
             kwargs = strip_labels(kwargs)
         t = self._target
@@ -96,6 +100,7 @@ class Regularizer:
             self._busy = False
             self._given_logits = None
             self._labels = None
+            self._positions = None
 
     def _run(self, args, kwargs):
         """One pass of the model with the target's current spec in place; returns what the model returns."""
@@ -136,15 +141,22 @@ class Regularizer:
                 )
             with torch.no_grad(), self._target.clean_pass(), self._head.capturing():
                 self.model(*args, **kwargs)
-            return self._head.take().detach()
+            return self._note_positions(self._head.take().detach())
         if logits is not None:
             if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
                 what = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise TypeError(f"logits must be a floating-point tensor or None, got {what}")
             self._given_logits = logits
-            return class_last(logits.detach(), self.class_dim, what="the logits passed as logits=")
+            return self._note_positions(class_last(logits.detach(), self.class_dim, what="the logits passed as logits="))
         with torch.no_grad(), self._target.clean_pass():
-            return self._class_last(extract_logits(self.model(*args, **kwargs)).detach())
+            return self._note_positions(self._class_last(extract_logits(self.model(*args, **kwargs)).detach()))
+
+    def _note_positions(self, p):
+        """Keeps the positions the call's labels train (a language model's), checked against the clean
+        logits (or hidden states) ``p``; same positions on the fused and the unfused path."""
+        if self._labels is not None:
+            self._positions = trained_positions(self._labels, p.shape[:-1], self._label_shift).to(p.device)
+        return p
 
     def _class_last(self, logits):
         """The model's logits laid out as the KL and the row mask take them: classes in the last dim."""
@@ -154,10 +166,8 @@ class Regularizer:
 
     def _row_mask(self, logits):
         mask = self._target.row_mask_for(logits)
-        if self._head is None:
-            return mask
-        trained = trained_positions(self._labels, tuple(logits.shape[:-1]))
-        if trained is None:
+        trained = self._positions
+        if trained is None or tuple(trained.shape) != tuple(logits.shape[:-1]):
             return mask
         return trained if mask is None else trained & (mask != 0)
 

@@ -72,7 +72,7 @@ class RandomNoise(Regularizer):
                     q = self._class_last(q)
                     term = self._divergence(p, q, "batchmean")
                     if self.symmetric:
-                        term = term + reverse_kl(p, q, self._row_mask(q), "batchmean", head=self.head)
+                        term = term + reverse_kl(p, q, self._row_mask(q), "batchmean", head=self._head)
                 else:
                     term = self.loss_fn(q, y)
                 if check:

@@ -99,7 +99,8 @@ class VAT(Regularizer):
             if exact:
                 try:
                     d = _hvp.exact_step(self.model, t, args, kwargs, d, start=lambda: self._start(1.0),
-                                        class_last=self._class_last, strict=self.hvp == "exact")
+                                        class_last=self._class_last, strict=self.hvp == "exact",
+                                        row_mask=self._row_mask)
                     continue
                 except _hvp.FallBack as exc:
                     self._exact_fell_back(exc)
