@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 
 from fastvat import _build
 
-_STATE = {"backend": None, "cuda": False, "error": None}
+_STATE: dict[str, Any] = {"backend": None, "cuda": False, "error": None}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -88,7 +89,7 @@ def load() -> str:
     return _STATE["backend"]
 
 
-def info() -> dict:
+def info() -> dict[str, Any]:
     load()
     return {
         "backend": _STATE["backend"],
