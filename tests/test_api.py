@@ -13,6 +13,7 @@ from torch import nn
 import fastvat
 from fastvat import _defaults
 from fastvat import functional as Fv
+from fastvat.inplace import ExactPerturbation
 
 REGULARIZERS = [fastvat.VAT, fastvat.RandomNoise, fastvat.GradientPenalty, fastvat.FGM, fastvat.PGD]
 
@@ -195,6 +196,8 @@ def test_type_hints_ship():
     fastvat.VAT, fastvat.VAT.__call__, fastvat.VAT.perturbation, fastvat.VATLoss, fastvat.VATLoss.forward,
     fastvat.RandomNoise, fastvat.RandomNoise.__call__, fastvat.GradientPenalty, fastvat.GradientPenalty.__call__,
     fastvat.FGM, fastvat.FGM.__call__, fastvat.PGD, fastvat.PGD.__call__, fastvat.extension_info,
+    ExactPerturbation, ExactPerturbation.apply, ExactPerturbation.restore, ExactPerturbation.perturbed,
+    fastvat.inplace.perturbed_,
     *[getattr(Fv, n) for n in Fv.__all__],
 ], ids=lambda o: getattr(o, "__qualname__", str(o)))
 def test_public_callables_are_typed_and_documented(obj):
@@ -210,3 +213,46 @@ def test_public_callables_are_typed_and_documented(obj):
     hints = {k: v for k, v in inspect.signature(sig_of).parameters.items() if k != "self"}
     assert all(p.annotation is not inspect.Parameter.empty for p in hints.values()), obj
     assert inspect.signature(sig_of).return_annotation is not inspect.Signature.empty, obj
+
+
+def test_exact_perturbation_repr_and_flag():
+    w = torch.zeros(3, 2)
+    p = ExactPerturbation(w)
+    assert repr(p) == "ExactPerturbation(weight=<(3, 2) torch.float32 on cpu>, active=False, nbytes=0)"
+    p.apply(torch.ones(3, 2), scale=1.0)
+    with pytest.raises(TypeError, match="^force must be True or False"):
+        p.restore(force="yes")
+    assert p.active  # the refused call touched nothing
+    p.restore()
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_no_forward_ad_is_remembered_per_model_not_written_into_another_class():
+    """VATLoss builds a VAT per call; what one learns (no forward-mode AD) is kept per model, read by
+    any later VAT of that model, and is not an attribute that VATLoss sets on VAT."""
+    class NoJvp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(_NoForwardAD.apply(x))
+
+    model = NoJvp()
+    assert not fastvat.VAT(model).exact_unavailable
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(RuntimeWarning, match="forward-mode AD"):
+        fastvat.VATLoss(xi=1.0)(model, torch.randn(4, 5))
+    assert fastvat.VAT(model).exact_unavailable
+    assert not fastvat.VAT(NoJvp()).exact_unavailable
+    with pytest.raises(AttributeError):
+        fastvat.VAT(model).exact_unavailable = False
+    assert not hasattr(fastvat.VATLoss(), "_no_forward_ad")
