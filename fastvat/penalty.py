@@ -50,7 +50,9 @@ class GradientPenalty(Regularizer):
         model, embedding: as in every regularizer (``fastvat._regularizer.Regularizer``).
         form: ``"kl"`` or ``"mse"`` (above).
         estimator: ``"rademacher"`` or ``"exact"`` (above).
-        samples: Rademacher draws per call (>= 1).
+        samples: Rademacher draws per call (>= 1). Not ``RandomNoise``'s ``k``: each of its draws is a
+            noisy forward pass, each of these a probe vector for one more input-gradient backward
+            through the same single forward.
         target: ``"input"`` or ``"output"`` (the weight target has no per-example gradient).
         generator, drop_labels, nonfinite, class_dim: as in every regularizer.
 

@@ -10,7 +10,8 @@ from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 REDUCTIONS = ref.REDUCTIONS
 
 
-def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
+def kl_div_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, *, mask: torch.Tensor | None = None,
+                       reduction: str = "batchmean") -> torch.Tensor:
     """KL(softmax(p) || softmax(q)) over the last dim; p is a constant (no gradient).
 
     reduction: ``"batchmean"`` the sum over rows / ``q_logits.shape[0]`` for logits of two or more

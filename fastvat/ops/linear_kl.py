@@ -31,7 +31,9 @@ def default_chunk_size(vocab_size: int) -> int:
     return 1 << (c.bit_length() - 1)
 
 
-def linear_kl_div(h_p, h_q, weight, bias=None, *, mask=None, reduction="batchmean", chunk_size=None):
+def linear_kl_div(h_p: torch.Tensor, h_q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  mask: torch.Tensor | None = None, reduction: str = "batchmean",
+                  chunk_size: int | None = None) -> torch.Tensor:
     """Per token KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), without materialising the logits.
 
     The tokens are walked in chunks of ``chunk_size`` rows; for each chunk the two [chunk, V] logit slabs

@@ -10,7 +10,8 @@ from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 NORMS = ref.NORMS
 
 
-def l2_normalize(x, *, scale=1.0, norm="global", mask=None, baseline=None):
+def l2_normalize(x: torch.Tensor, *, scale: float = 1.0, norm: str = "global", mask: torch.Tensor | None = None,
+                 baseline: torch.Tensor | None = None) -> torch.Tensor:
     """``scale * v / ||v||`` with ``v = (x - baseline) * mask``, one L2 norm per group.
 
     norm: ``"global"`` one norm over the whole tensor; ``"sample"`` one per index of dim 0;

@@ -8,7 +8,8 @@ from fastvat import reference as ref
 from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 
 
-def perturb_(weight, direction, *, scale, previous=None, out=None):
+def perturb_(weight: torch.Tensor, direction: torch.Tensor, *, scale: float, previous: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """The article's in-place step on an embedding matrix.
 
     ``new = scale * direction / ||direction||`` (global norm), ``weight += new - previous``,
@@ -83,7 +84,7 @@ def _check_perturb_overlap(**tensors):
             )
 
 
-def restore_(weight, previous):
+def restore_(weight: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Undo ``perturb_``: ``weight -= previous`` (exact up to one rounding of the weight's dtype)."""
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("previous", previous, floating=True)
