@@ -70,6 +70,18 @@ class Regularizer:
         ValueError: an out-of-range value or a combination that does not apply.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Regularizer:
+        # Python's own message for a third positional argument ("takes from 2 to 3 positional
+        # arguments but 4 were given") does not say what changed; the old FGM/PGD order did that.
+        if len(args) > 2:
+            hint = ("; a loss function goes by keyword: loss_fn=F.cross_entropy"
+                    if any(callable(a) and not isinstance(a, nn.Module) for a in args[1:]) else "")
+            raise TypeError(
+                f"{cls.__name__} takes (model, embedding=None) positionally and every other argument by "
+                f"keyword; got {len(args)} positional arguments{hint}"
+            )
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, embedding: nn.Embedding | str | None = None, *,
                  target: TargetName | None = None, norm: NormName | None = None,
                  generator: torch.Generator | None = None, drop_labels: bool = True,

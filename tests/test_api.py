@@ -60,6 +60,23 @@ def test_a_loss_function_in_the_embedding_slot_is_a_clear_type_error(cls):
         cls(m, F.cross_entropy)
 
 
+@pytest.mark.parametrize("cls", [fastvat.FGM, fastvat.PGD], ids=lambda c: c.__name__)
+def test_the_old_three_positional_fgm_order_is_a_clear_type_error(cls):
+    m = _text()
+    with pytest.raises(TypeError, match=rf"^{cls.__name__} takes \(model, embedding=None\) positionally.*got 3 "
+                                        r"positional arguments; a loss function goes by keyword: loss_fn="):
+        cls(m, F.cross_entropy, m.emb)
+
+
+def test_regularizers_still_pickle():
+    import pickle
+
+    m = _text()
+    again = pickle.loads(pickle.dumps(fastvat.VAT(m, m.emb, eps=2.0)))
+    assert again.eps == 2.0 and again.target == "output"
+    assert pickle.loads(pickle.dumps(fastvat.VATLoss(ip=2))).ip == 2
+
+
 @pytest.mark.parametrize("build", [
     lambda m, v: fastvat.PGD(m, random_start=v),
     lambda m, v: fastvat.RandomNoise(m, symmetric=v),
