@@ -63,6 +63,11 @@ def linear_kl_div(h_p: torch.Tensor, h_q: torch.Tensor, weight: torch.Tensor, bi
     Returns:
         The loss: a 0-dim tensor, or ``h.shape[:-1]`` for ``"none"``; float32 for 16-bit inputs
         (float64 for float64), like ``kl_div_with_logits``.
+
+    Raises:
+        TypeError: a non-floating-point tensor, or mismatched dtypes.
+        ValueError: mismatched shapes or devices, an unknown reduction, a bad chunk_size, or a mask
+            that does not cover h's leading dims.
     """
     _checks.tensor("h_p", h_p, floating=True)
     _checks.tensor("h_q", h_q, floating=True)

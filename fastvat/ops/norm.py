@@ -19,6 +19,13 @@ def l2_normalize(x: torch.Tensor, *, scale: float = 1.0, norm: str = "global", m
     (e.g. ``[B, T]`` for ``[B, T, H]``); masked positions are zero and stay out of the norm.
     baseline: optional tensor of x's shape; fuses the finite-difference form ``x - baseline``.
     A group whose norm is zero gives zeros (never NaN). Differentiable in x and baseline.
+
+    Returns:
+        A tensor of x's shape and dtype.
+
+    Raises:
+        TypeError: x, mask or baseline of the wrong kind or dtype; scale not a real number.
+        ValueError: an unknown norm, a non-finite scale, or a mask/baseline of the wrong shape or device.
     """
     _checks.tensor("x", x, floating=True)
     scale = _checks.finite_number("scale", scale)

@@ -18,6 +18,14 @@ def perturb_(weight: torch.Tensor, direction: torch.Tensor, *, scale: float, pre
     direction may be the very same memory as weight, previous or out (it is read in full first),
     and out the same as previous; any other sharing of memory between the arguments (views of one
     buffer that partly overlap, or previous/out being weight) is a ValueError.
+
+    Returns:
+        ``new``, the perturbation now added to ``weight`` (pass it to ``restore_``).
+
+    Raises:
+        TypeError: a non-floating-point tensor, or scale not a real number.
+        ValueError: mismatched shapes or devices, a non-finite scale, partly shared memory, or a
+            ``weight`` that is a leaf requiring grad with grad mode on.
     """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("direction", direction, floating=True)
@@ -85,7 +93,16 @@ def _check_perturb_overlap(**tensors):
 
 
 def restore_(weight: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Undo ``perturb_``: ``weight -= previous`` (exact up to one rounding of the weight's dtype)."""
+    """Undo ``perturb_``: ``weight -= previous`` (a plain in-place ``sub_``; exact up to one rounding of
+    the weight's dtype — ``fastvat.inplace.ExactPerturbation`` restores bit-exactly).
+
+    Returns:
+        The weight.
+
+    Raises:
+        TypeError: a non-floating-point tensor.
+        ValueError: mismatched shapes or devices, or a ``weight`` that is a leaf requiring grad.
+    """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("previous", previous, floating=True)
     _checks.same_device("previous", previous, "weight", weight)
