@@ -331,12 +331,43 @@ def run(ctx):
     return rows, checks
 
 
+def peak_memory(dtypes, out_dir):
+    """Only part 2 (peak memory of one step, naive and fastvat, default sizes), into
+    ``out_dir/peak_memory.json``: minutes instead of the suite's half hour."""
+    import platform
+
+    ctx = Ctx(mode="default", dtypes=tuple(dtypes))
+    t0 = time.perf_counter()
+    results = []
+    for dtype in ctx.dtypes:
+        for variant in VARIANTS:
+            r = run_worker(ctx, variant, dtype, ctx.cfg["batch"])
+            r["peak_mib"] = _mib(r.get("peak_bytes"))
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    doc = {"what": "peak RSS growth of one VAT step, each variant in its own subprocess (lm_bench.py part 2); "
+                   "naive = baselines.NaiveVAT(lean=True)",
+           "cfg": ctx.cfg, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.processor() or
+           platform.machine(), "torch": torch.__version__, "load_average_1m": os.getloadavg()[0],
+           "elapsed_s": round(time.perf_counter() - t0, 1), "results": results}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "peak_memory.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    return doc
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--peak-memory", metavar="DTYPES",
+                    help="only the peak memory of one step, for these dtypes (comma-separated), into --out")
+    ap.add_argument("--out", default="bench_out", help="folder for peak_memory.json (with --peak-memory)")
     args = ap.parse_args(argv)
+    if args.peak_memory:
+        peak_memory(args.peak_memory.split(","), args.out)
+        return 0
     if args.worker is None:
-        ap.error("run the suite through benchmarks/run.py --only lm")
+        ap.error("run the suite through benchmarks/run.py --only lm (or --peak-memory float32 --out DIR)")
     print(json.dumps(_worker(json.loads(args.worker))), flush=True)
     return 0
 
