@@ -5,6 +5,8 @@
   perturbation leaf's ``.grad`` followed by ``model.zero_grad()``, normalisation by separate ops
   ``d / (d.norm(dim=...) + 1e-8)``, ``F.kl_div(F.log_softmax(q), F.softmax(p), 'batchmean')``.
   Target: the model's input (``embedding=None``) or an ``nn.Embedding``'s output (forward hook).
+  ``NaiveVAT(..., lean=True)`` is the same VAT written with care and no fused ops: the power step
+  takes ``torch.autograd.grad`` with respect to r only (no weight gradients, no ``zero_grad``).
 - ``DenseWeightVAT`` — the article's algorithm on an embedding matrix (bert4keras
   ``virtual_adversarial_training``): a dense [V, H] random start, ``weight.data += delta``, the
   gradient w.r.t. the full matrix, ``weight.data -= delta`` after the update.
@@ -35,10 +37,12 @@ def normalize_global(d):
 
 
 class NaiveVAT:
-    """Eager VAT as found in most PyTorch code (per-sample norm, full backward, zero_grad)."""
+    """Eager VAT as found in most PyTorch code (per-sample norm, full backward, zero_grad); with
+    ``lean=True`` the power step differentiates with respect to r only (``torch.autograd.grad``)."""
 
-    def __init__(self, model, embedding=None, *, xi=1e-1, eps=1.0, iters=1, compile_model=False):
+    def __init__(self, model, embedding=None, *, xi=1e-1, eps=1.0, iters=1, compile_model=False, lean=False):
         self.model = model
+        self.lean = lean
         self.forward = torch.compile(model) if compile_model else model
         self.xi, self.eps, self.iters = xi, eps, iters
         self.embedding = embedding
@@ -79,6 +83,9 @@ class NaiveVAT:
         for _ in range(self.iters):
             d = (self.xi * normalize_per_sample(d)).requires_grad_()
             q = self._logits(args, kwargs, d)
+            if self.lean:
+                (d,) = torch.autograd.grad(kl_eager(p, q), d)
+                continue
             kl_eager(p, q).backward()
             d = d.grad.detach()
             self.model.zero_grad()

@@ -2,9 +2,12 @@
 the [B, T, V] logits, on a random-init Llama-style model (no download), in float32 and bfloat16 (bf16:
 the model's weights in bf16).
 
-  naive     ``baselines.NaiveVAT`` on the input embeddings' output: its own clean forward, the full
-            logits in the model's dtype for every pass, ``F.kl_div`` on them, a full backward and
-            ``zero_grad`` in the power step;
+  naive     ``baselines.NaiveVAT(lean=True)`` on the input embeddings' output: its own clean forward,
+            the full logits in the model's dtype for every pass, ``F.kl_div`` on them, and a power step
+            that takes ``torch.autograd.grad`` with respect to r only. The lean form is the fair
+            baseline here: the blog snippet's full ``backward()`` + ``zero_grad`` in the power step
+            also allocates every weight gradient in the power step, a cost of the snippet, not of
+            building the logits;
   fastvat   ``fastvat.VAT(model, embedding=model.get_input_embeddings(), head=model.get_output_embeddings())``
             (output target): the head's logits are never built (``ops.linear_kl_div``).
 
@@ -112,7 +115,7 @@ def make_step(model, variant):
         reg = fastvat.VAT(model, embedding=emb, head=model.get_output_embeddings(), xi=d["xi"], eps=d["eps"], iters=1)
         close = lambda: None  # noqa: E731
     elif variant == "naive":
-        reg = NaiveVAT(model, emb, xi=d["xi"], eps=d["eps"], iters=1)
+        reg = NaiveVAT(model, emb, xi=d["xi"], eps=d["eps"], iters=1, lean=True)
         close = reg.close
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -289,7 +292,7 @@ def run_dtype(ctx, dtype):
 
     label = "fp32" if dtype == "float32" else "bf16" if dtype == "bfloat16" else dtype
     r = row(suite="lm", case=f"LM VAT step (head=) {label}", shape=shape, dtype=dtype, device=ctx.device.type,
-            baseline="naive eager VAT", baseline_ms=n.ms, baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms,
+            baseline="lean naive eager VAT", baseline_ms=n.ms, baseline_iqr_ms=n.iqr_ms, fastvat_ms=f.ms,
             fastvat_iqr_ms=f.iqr_ms, speedup=speed, baseline_peak_mb=_mib(peaks["naive"]),
             fastvat_peak_mb=_mib(peaks["fastvat"]), value=mem_ratio,
             note=(f"value = fastvat / naive peak RSS growth of one step; largest batch under {cfg['cap_mib']} MiB: "
@@ -328,12 +331,43 @@ def run(ctx):
     return rows, checks
 
 
+def peak_memory(dtypes, out_dir):
+    """Only part 2 (peak memory of one step, naive and fastvat, default sizes), into
+    ``out_dir/peak_memory.json``: minutes instead of the suite's half hour."""
+    import platform
+
+    ctx = Ctx(mode="default", dtypes=tuple(dtypes))
+    t0 = time.perf_counter()
+    results = []
+    for dtype in ctx.dtypes:
+        for variant in VARIANTS:
+            r = run_worker(ctx, variant, dtype, ctx.cfg["batch"])
+            r["peak_mib"] = _mib(r.get("peak_bytes"))
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    doc = {"what": "peak RSS growth of one VAT step, each variant in its own subprocess (lm_bench.py part 2); "
+                   "naive = baselines.NaiveVAT(lean=True)",
+           "cfg": ctx.cfg, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.processor() or
+           platform.machine(), "torch": torch.__version__, "load_average_1m": os.getloadavg()[0],
+           "elapsed_s": round(time.perf_counter() - t0, 1), "results": results}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "peak_memory.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    return doc
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--peak-memory", metavar="DTYPES",
+                    help="only the peak memory of one step, for these dtypes (comma-separated), into --out")
+    ap.add_argument("--out", default="bench_out", help="folder for peak_memory.json (with --peak-memory)")
     args = ap.parse_args(argv)
+    if args.peak_memory:
+        peak_memory(args.peak_memory.split(","), args.out)
+        return 0
     if args.worker is None:
-        ap.error("run the suite through benchmarks/run.py --only lm")
+        ap.error("run the suite through benchmarks/run.py --only lm (or --peak-memory float32 --out DIR)")
     print(json.dumps(_worker(json.loads(args.worker))), flush=True)
     return 0
 

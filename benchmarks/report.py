@@ -76,7 +76,7 @@ def machine_line(m: dict) -> str:
 
 def _bar_text(r) -> str:
     if not r.get("bar"):
-        return ""
+        return "informational" if (r.get("note") or "").startswith("informational") else ""
     if r.get("busy"):
         return f"{r['bar']} busy"
     met = r.get("bar_met")
@@ -174,14 +174,41 @@ def write_png(path, rows, machine, title) -> None:
     plt.close(fig)
 
 
+def write_table(path, rows, machine) -> None:
+    """The printed table (machine line first), so table.txt always says what the JSON beside it says."""
+    with open(path, "w") as f:
+        f.write(machine_line(machine) + "\n" + format_table(rows) + "\n")
+
+
 def write_outputs(out_dir, stem, rows, machine, config, title, png=True) -> dict:
-    """JSON and CSV (and the PNG unless ``png`` is False); returns their paths."""
+    """JSON, CSV and table.txt (and the PNG unless ``png`` is False); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "csv", "png")}
     write_json(paths["json"], rows, machine, config)
     write_csv(paths["csv"], rows, machine)
+    paths["table"] = os.path.join(out_dir, "table.txt")
+    write_table(paths["table"], rows, machine)
     if png:
         write_png(paths["png"], rows, machine, title)
     else:
         del paths["png"]
     return paths
+
+
+def main(argv=None) -> int:
+    """``python benchmarks/report.py DIR/bench_cpu.json``: rewrite DIR/table.txt from the JSON."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="benchmarks/report.py", description=main.__doc__)
+    ap.add_argument("json", nargs="+", help="bench_<device>.json files written by benchmarks/run.py")
+    for path in ap.parse_args(argv).json:
+        with open(path) as f:
+            doc = json.load(f)
+        out = os.path.join(os.path.dirname(path), "table.txt")
+        write_table(out, doc["rows"], doc["machine"])
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,15 +8,16 @@ Modes (sizes and repeats):
   --quick   the default shapes with fewer rounds, no sweep;
   default   the full op shapes except kl_div ([1024, 30522] instead of [4096, 30522]),
             bfloat16 for perturb_ and l2_normalize only on the CPU, torch.compile baselines for
-            float32 ops, BERT step, weight target at 30k and 250k, one sweep point; under 3 minutes
-            on 2 CPU threads;
+            float32 ops, BERT step, weight target at 30k and 250k, one sweep point; about 3 minutes
+            on 2 CPU threads (160 s in benchmarks/results/cpu_default, more on a busy machine);
   --full    the shapes the bars are stated for, more rounds, torch.compile everywhere (the step too), the MiniLM-L6
             model when installed, the full sweep, and the causal-LM suite (tens of minutes on 2 CPU
             threads).
 Suites (--only): ops, step, and lm: a Llama-style causal LM with Llama 3's vocabulary, fastvat's
 fused head (head=) against the naive VAT that builds the logits: step time, peak memory of a step,
 largest batch under a memory cap (lm_bench.py; run by --full, or alone with --only lm: 27 minutes
-for float32 and bfloat16 on 2 CPU threads of a busy machine; with --smoke a tiny model).
+for float32 and bfloat16 on 2 CPU threads of a busy machine, benchmarks/results/cpu_lm; with --smoke
+a tiny model).
 On a GPU (--device cuda) the op shapes are ≥ 64 M elements.
 
 A row timed while other processes took CPU is marked busy, its bar verdict is withheld, and the

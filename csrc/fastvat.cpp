@@ -1,4 +1,6 @@
-// The one place where every fastvat op schema is declared.
+// The schemas of fastvat's compiled ops (l2_normalize, perturb_, kl_div_with_logits, embedding_gather_add).
+// linear_kl_div is not here: it is a Python custom op (torch.library.custom_op in fastvat/ops/linear_kl.py)
+// composed of PyTorch matmuls and the ops above, with no kernel of its own.
 // Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu and register themselves
 // with TORCH_LIBRARY_IMPL; fake (meta) kernels and autograd live in fastvat/ops/.
 #include <Python.h>

@@ -30,6 +30,13 @@ def choice(name, value, allowed):
     return value
 
 
+def flag(name, value):
+    """A bool argument: ``True`` or ``False`` only (a string such as ``"no"`` is truthy, so it is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def finite_number(name, value, *, positive=False, nonnegative=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         if isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 
-from fastvat import _build
+from fastvat import _build, _torch_internals
 
-_STATE = {"backend": None, "cuda": False, "error": None}
+_STATE: dict[str, Any] = {"backend": None, "cuda": False, "error": None}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,10 +23,7 @@ def _ops_registered() -> bool:
 
 
 def _cuda_kernels_present() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fastvat::l2_normalize", "CUDA")
-    except Exception:  # pragma: no cover - very old torch
-        return False
+    return _torch_internals.has_kernel_for("fastvat::l2_normalize", "CUDA")
 
 
 def _try_compiled() -> bool:
@@ -85,10 +83,10 @@ def load() -> str:
             stacklevel=3,
         )
     _STATE["cuda"] = _STATE["backend"] != "reference" and _cuda_kernels_present()
-    return _STATE["backend"]
+    return str(_STATE["backend"])
 
 
-def info() -> dict:
+def info() -> dict[str, Any]:
     load()
     return {
         "backend": _STATE["backend"],

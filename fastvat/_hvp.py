@@ -26,6 +26,7 @@ Used by ``fastvat.VAT(hvp=...)``:
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -36,6 +37,26 @@ from fastvat._model_io import _cuda_rng_states, extract_logits, math_attention
 
 MODES = ("auto", "finite_difference", "exact")
 _HALF = (torch.float16, torch.bfloat16)
+
+# Models that have shown they lack forward-mode AD: hvp="auto" then stays on finite differences for
+# them, whichever VAT (or VATLoss, or functional call) meets them next. A property of the model, so
+# kept per model, weakly: a deleted model is freed and forgotten.
+_NO_FORWARD_AD: weakref.WeakSet = weakref.WeakSet()
+
+
+def lacks_forward_ad(model) -> bool:
+    """Whether ``model`` has shown (in an earlier exact power step) that it has no forward-mode AD."""
+    try:
+        return model in _NO_FORWARD_AD
+    except TypeError:  # an unhashable model cannot be remembered
+        return False
+
+
+def remember_no_forward_ad(model) -> None:
+    try:
+        _NO_FORWARD_AD.add(model)
+    except TypeError:
+        pass
 
 
 class FallBack(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from fastvat import _checks, ops
 from fastvat import reference as ref
+from fastvat._defaults import DEFAULTS
 
 
 def chi2_sample(dof: int, *, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -51,7 +53,8 @@ class Target:
     """Base: the spec → tensor logic shared by every target."""
 
     name = ""
-    allowed_norms = ("global", "sample", "token")
+    # the norm names are validated here, once, against the table of defaults (fastvat/_defaults.py)
+    allowed_norms: tuple[str, ...] = ref.NORMS
 
     def __init__(self, norm: str, generator=None):
         _checks.choice("norm", norm, self.allowed_norms)
@@ -59,7 +62,7 @@ class Target:
         self.generator = generator
         self.mask = None  # float mask over leading dims of r, or None
         self._spec = None
-        self.current = None
+        self.current: Any = None  # the realised r (a tensor) once the forward reaches the target
 
     # -- the spec -------------------------------------------------------------------------
     def random(self, scale, *, requires_grad=False):
@@ -200,6 +203,7 @@ class Target:
 
 class InputTarget(Target):
     name = "input"
+    allowed_norms = DEFAULTS["input"]["norms"]
 
     def prepare(self, args, kwargs):
         if not args:
@@ -279,6 +283,7 @@ class _EmbeddingTarget(Target):
 
 class OutputTarget(_EmbeddingTarget):
     name = "output"
+    allowed_norms = DEFAULTS["output"]["norms"]
 
     def _mask_for(self, out):
         am = self._attention_mask
@@ -321,7 +326,7 @@ class WeightTarget(_EmbeddingTarget):
     """The article's target, out of place: r lives on the U rows the batch uses ([U, H])."""
 
     name = "weight"
-    allowed_norms = ("global", "token")
+    allowed_norms = DEFAULTS["weight"]["norms"]
 
     def begin_call(self):
         super().begin_call()

@@ -30,10 +30,11 @@ Time per cycle: one copy ``W -> backup``, one global-norm pass over ``d``, one f
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator, cast
 
 import torch
 
-from fastvat import _checks
+from fastvat import _checks, _torch_internals
 from fastvat import reference as ref
 
 __all__ = ["ExactPerturbation", "perturbed_"]
@@ -47,24 +48,47 @@ class ExactPerturbation:
     ``RuntimeError``) when something else wrote ``W`` in place since ``apply`` — an optimizer step
     or a ``max_norm`` embedding — because copying the saved matrix back would discard that write;
     ``restore(force=True)`` does it anyway. Writes through ``.data`` are not detected.
+
+    Args:
+        weight: the floating-point tensor to perturb in place (e.g. an embedding's ``.weight``).
+
+    Raises:
+        TypeError: ``weight`` is not a floating-point tensor.
     """
 
-    def __init__(self, weight):
+    def __init__(self, weight: torch.Tensor) -> None:
         _checks.tensor("weight", weight, floating=True)
         self.weight = weight
-        self._backup = None
-        self._version = None
+        self._backup: torch.Tensor | None = None
+        self._version: int | None = None
         self.active = False
+
+    def __repr__(self) -> str:
+        w = self.weight
+        return (f"ExactPerturbation(weight=<{tuple(w.shape)} {w.dtype} on {w.device}>, active={self.active}, "
+                f"nbytes={self.nbytes})")
 
     @property
     def nbytes(self) -> int:
         """Memory held for the exact restore (0 until the first apply, or after release())."""
         return 0 if self._backup is None else self._backup.numel() * self._backup.element_size()
 
-    def apply(self, direction, *, scale):
+    def apply(self, direction: torch.Tensor, *, scale: float) -> torch.Tensor:
         """Perturb the weight in place: ``W <- W_saved + scale * direction / ||direction||``.
 
-        A zero direction gives a zero perturbation (never NaN). Returns the weight.
+        A zero direction gives a zero perturbation (never NaN).
+
+        Args:
+            direction: a floating-point tensor of the weight's shape, on its device.
+            scale: the global L2 norm of the perturbation.
+
+        Returns:
+            The weight (perturbed).
+
+        Raises:
+            TypeError: ``direction`` not a floating-point tensor, or ``scale`` not a real number.
+            ValueError: ``direction`` on another device or of another shape; a non-finite ``scale``.
+            RuntimeError: the weight was written in place since the previous ``apply``.
         """
         w = self.weight
         _checks.tensor("direction", direction, floating=True)
@@ -85,32 +109,60 @@ class ExactPerturbation:
             if d.dtype != w.dtype:
                 d = d.to(w.dtype)
             # one fused pass, computed in the accumulation dtype and rounded once into W
-            torch.addcmul(self._backup, d, factor, out=w)
-        self._version = w._version
+            torch.addcmul(cast(torch.Tensor, self._backup), d, factor, out=w)
+        self._version = _torch_internals.version_counter(w)
         self.active = True
         return w
 
-    def restore(self, *, force=False):
-        """Put the weight back bit-exactly as it was before the first ``apply``."""
+    def restore(self, *, force: bool = False) -> torch.Tensor:
+        """Put the weight back bit-exactly as it was before the first ``apply``.
+
+        Args:
+            force: restore even if the weight was written in place since ``apply``.
+
+        Returns:
+            The weight (restored).
+
+        Raises:
+            RuntimeError: no perturbation is applied, or (without ``force``) the weight was written in
+                place since ``apply``.
+            TypeError: ``force`` is not a bool.
+        """
+        force = _checks.flag("force", force)
         if not self.active:
             raise RuntimeError("ExactPerturbation.restore() called with no perturbation applied")
         if not force:
             self._check_untouched("restore")
+        assert self._backup is not None  # set by apply, which made the perturbation active
         with torch.no_grad():
             self.weight.copy_(self._backup)
         self.active = False
         self._version = None
         return self.weight
 
-    def release(self):
-        """Free the saved copy (restores first if a perturbation is active)."""
+    def release(self) -> None:
+        """Free the saved copy (restores first if a perturbation is active).
+
+        Raises:
+            RuntimeError: as ``restore`` (the weight was written in place while perturbed).
+        """
         if self.active:
             self.restore()
         self._backup = None
 
     @contextlib.contextmanager
-    def perturbed(self, direction, *, scale):
-        """``apply`` on entry, ``restore`` on exit; if the body raises, the weight is restored anyway."""
+    def perturbed(self, direction: torch.Tensor, *, scale: float) -> Iterator[torch.Tensor]:
+        """``apply`` on entry, ``restore`` on exit; if the body raises, the weight is restored anyway.
+
+        Args:
+            direction, scale: as for ``apply``.
+
+        Returns:
+            A context manager that yields the (perturbed) weight.
+
+        Raises:
+            As ``apply`` on entry and ``restore`` on exit.
+        """
         self.apply(direction, scale=scale)
         try:
             yield self.weight
@@ -122,7 +174,7 @@ class ExactPerturbation:
             self.restore()
 
     def _check_untouched(self, what):
-        if self.weight._version != self._version:
+        if _torch_internals.version_counter(self.weight) != self._version:
             raise RuntimeError(
                 f"ExactPerturbation.{what}(): weight was written in place while perturbed (an optimizer step "
                 "before restore(), or a max_norm embedding?); restoring would discard that write. Restore "
@@ -131,10 +183,21 @@ class ExactPerturbation:
 
 
 @contextlib.contextmanager
-def perturbed_(weight, direction, *, scale):
+def perturbed_(weight: torch.Tensor, direction: torch.Tensor, *, scale: float) -> Iterator[torch.Tensor]:
     """One-off ``with fastvat.inplace.perturbed_(W, d, scale=eps): ...``: W is perturbed in place
     inside the block and bit-identical after it. Allocates the V·H backup for each use; in a loop,
-    keep an ``ExactPerturbation`` and use its ``perturbed`` method instead."""
+    keep an ``ExactPerturbation`` and use its ``perturbed`` method instead.
+
+    Args:
+        weight: the floating-point tensor to perturb in place.
+        direction, scale: as for ``ExactPerturbation.apply``.
+
+    Returns:
+        A context manager that yields the (perturbed) weight.
+
+    Raises:
+        As ``ExactPerturbation`` and its ``apply``/``restore``.
+    """
     p = ExactPerturbation(weight)
     with p.perturbed(direction, scale=scale):
         yield weight

@@ -1,9 +1,13 @@
 """Gradient penalty: the article's second-order view of noise training."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from fastvat import _checks, _fsdp, _nonfinite
+from fastvat._defaults import NonfiniteMode, TargetName
 from fastvat._model_io import math_attention
 from fastvat._regularizer import Regularizer
 
@@ -42,10 +46,30 @@ class GradientPenalty(Regularizer):
     appeared (the logits or their input gradient); ``"zero"`` a zero penalty for that call, with a
     warning; ``"ignore"`` skips the check.
     ``class_dim`` (as VAT's): the logits' class dim, over which form ``"kl"`` takes the softmax.
+    No ``eps``, ``norm`` or ``head``: the penalty is the x -> 0 limit of noise, with no step size.
+
+    Args:
+        model, embedding: as in every regularizer (``fastvat._regularizer.Regularizer``).
+        form: ``"kl"`` or ``"mse"`` (above).
+        estimator: ``"rademacher"`` or ``"exact"`` (above).
+        samples: Rademacher draws per call (>= 1). Not ``RandomNoise``'s ``k``: each of its draws is a
+            noisy forward pass, each of these a probe vector for one more input-gradient backward
+            through the same single forward.
+        target: ``"input"`` or ``"output"`` (the weight target has no per-example gradient).
+        generator, drop_labels, nonfinite, class_dim: as in every regularizer.
+
+    Raises:
+        TypeError: a wrongly typed argument.
+        ValueError: an unknown ``form``/``estimator``, ``samples=0``, or ``target="weight"``.
     """
 
-    def __init__(self, model, embedding=None, *, form="kl", estimator="rademacher", samples=1, target=None,
-                 generator=None, drop_labels=True, nonfinite="raise", class_dim=None):
+    _own_settings = ("form", "estimator", "samples")
+    _shared_settings = ("target", "generator", "drop_labels", "nonfinite", "class_dim")
+
+    def __init__(self, model: nn.Module, embedding: nn.Embedding | str | None = None, *, form: str = "kl",
+                 estimator: str = "rademacher", samples: int = 1, target: TargetName | None = None,
+                 generator: torch.Generator | None = None, drop_labels: bool = True,
+                 nonfinite: NonfiniteMode = "raise", class_dim: int | None = None) -> None:
         super().__init__(model, embedding, norm=None, target=target, generator=generator, drop_labels=drop_labels,
                          nonfinite=nonfinite, class_dim=class_dim)
         if self.target == "weight":
@@ -64,7 +88,19 @@ class GradientPenalty(Regularizer):
             return g * g
         return (g * g).reshape(g.shape[0], -1).sum(1) if g.numel() else g.new_zeros(g.shape[0])
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The penalty at the model's inputs, averaged over the batch.
+
+        Args:
+            *args, **kwargs: the model's inputs, as ``model(*args, **kwargs)`` takes them.
+
+        Returns:
+            A 0-dim tensor with a graph through the input gradient (a double backward).
+
+        Raises:
+            RuntimeError: an FSDP-sharded model (the double backward cannot run under FSDP).
+            FloatingPointError: a NaN/Inf under ``nonfinite="raise"``.
+        """
         _fsdp.refuse(self.model, "GradientPenalty", FSDP_REASON)
         with self._call(args, kwargs) as (args, kwargs):
             t = self._target

@@ -2,27 +2,18 @@
 from __future__ import annotations
 
 import warnings
-import weakref
+from typing import Any
 
 import torch
 from torch import nn
 
-from fastvat import _checks, _hvp, _nonfinite, ops
+from fastvat import _checks, _defaults, _hvp, _nonfinite
+from fastvat._defaults import NonfiniteMode, NormName, TargetName
 from fastvat._regularizer import Regularizer
 
-# Defaults per target (see README "Choosing eps and xi"):
-#  - weight/global: the article's code (eps=1, xi=10, one power step on the vocabulary matrix);
-#  - input and embedding output with a per-sample norm: the finite-difference step must be small
-#    next to a sample's norm but large next to float32 rounding. xi=0.1 gives the exact H·d
-#    direction (cosine > 0.995, tests/test_vat.py::test_default_xi_gives_the_hessian_direction_in_float32)
-#    where the VAT paper's 1e-6 gives cosines of 0.2-0.9 in float32. eps=1 (input, unit-scale
-#    features) and eps=5 (embedding output: text VAT's value; preferred to 1 on the tweet task's
-#    validation split, within noise) — scale eps with your data.
-DEFAULTS = {
-    "weight": {"xi": 10.0, "eps": 1.0},
-    "output": {"xi": 1e-1, "eps": 5.0},
-    "input": {"xi": 1e-1, "eps": 1.0},
-}
+# The per-target defaults (eps, xi, norm) live in one table shared by every regularizer; the
+# reasons for each value are there.
+DEFAULTS = _defaults.DEFAULTS
 
 POWER = "the power iteration (the model's logits or their gradient at x + xi*d)"
 ADVERSARIAL = "the adversarial pass (the model's logits at x + r_adv)"
@@ -48,11 +39,35 @@ class VAT(Regularizer):
     ``"exact"`` or ``"finite_difference"`` force one (docs/integrations.md, "Mixed precision").
     ``class_dim``: the dim of the logits that holds the classes. Default: the last (``[B, C]``,
     ``[B, T, C]``), so a Conv1d's ``[N, C, L]`` needs ``class_dim=1``; 4+ dims need it said; never 0.
+
+    Args:
+        model: the ``nn.Module`` to regularize.
+        embedding: an ``nn.Embedding`` of ``model`` or its dotted name (targets ``"output"`` and
+            ``"weight"``); ``None``: the model's first positional input is perturbed.
+        xi: the finite-difference step of the power iteration; ``None``: the per-target default
+            (``fastvat._defaults.DEFAULTS``: 0.1 for input/output, 10 for weight).
+        eps: the norm of the adversarial perturbation; ``None``: the per-target default (1 for input
+            and weight, 5 for output).
+        iters: power iterations (0: a random direction, i.e. ``RandomNoise`` at the same ``eps``).
+            Named as in the VAT paper's K; ``PGD``'s ``steps`` are ascent steps, a different thing.
+        target, norm, generator, drop_labels, nonfinite, class_dim, head: as in every regularizer
+            (``fastvat._regularizer.Regularizer``).
+        hvp: ``"auto"``, ``"exact"`` or ``"finite_difference"`` (the power step, above).
+
+    Raises:
+        TypeError: a wrongly typed argument, named in the message.
+        ValueError: a non-finite or non-positive ``xi``/``eps``, a negative ``iters``, an unknown
+            choice, or ``hvp="exact"`` with ``head=``.
     """
 
-    def __init__(self, model, embedding=None, *, xi=None, eps=None, iters=1, norm=None, target=None,
-                 generator=None, drop_labels=True, nonfinite="raise", hvp="auto", class_dim=None,
-                 head=None):
+    _own_settings = ("xi", "eps", "iters", "hvp")
+
+    def __init__(self, model: nn.Module, embedding: nn.Embedding | str | None = None, *,
+                 xi: float | None = None, eps: float | None = None, iters: int = 1,
+                 hvp: str = "auto", target: TargetName | None = None, norm: NormName | None = None,
+                 generator: torch.Generator | None = None, drop_labels: bool = True,
+                 nonfinite: NonfiniteMode = "raise", class_dim: int | None = None,
+                 head: nn.Module | None = None) -> None:
         super().__init__(model, embedding, norm=norm, target=target, generator=generator, drop_labels=drop_labels,
                          nonfinite=nonfinite, class_dim=class_dim, head=head)
         if head is not None and hvp == "exact":
@@ -61,22 +76,21 @@ class VAT(Regularizer):
                 "fused head never forms; use hvp='finite_difference' (or 'auto') with a xi that is large next to "
                 "rounding in the model's dtype"
             )
-        d = DEFAULTS[self.target]
-        self.xi = _checks.finite_number("xi", d["xi"] if xi is None else xi, positive=True)
-        self.eps = _checks.finite_number("eps", d["eps"] if eps is None else eps, positive=True)
+        self.xi = _checks.finite_number("xi", self._default("xi", xi), positive=True)
+        self.eps = _checks.finite_number("eps", self._default("eps", eps), positive=True)
         self.iters = _checks.nonnegative_int("iters", iters)
         # Power step: "finite_difference" (xi matters), "exact" (the xi -> 0 limit, see fastvat._hvp),
         # "auto": exact when it would run in fp16/bf16, where x + xi*d rounds back to x.
         self.hvp = _checks.choice("hvp", hvp, _hvp.MODES)
-        # Set once the model has shown it has no forward-mode AD: "auto" then stays on finite differences.
-        self.exact_unavailable = False
 
-    def __repr__(self):
-        return (f"VAT(target={self.target!r}, norm={self.norm!r}, xi={self.xi}, eps={self.eps}, "
-                f"iters={self.iters})")
+    @property
+    def exact_unavailable(self) -> bool:
+        """Whether the model has shown that it has no forward-mode AD ("auto" then stays on finite
+        differences). Remembered per model for as long as the model lives (fastvat._hvp)."""
+        return _hvp.lacks_forward_ad(self.model)
 
     def _exact_fell_back(self, exc):
-        self.exact_unavailable = True
+        _hvp.remember_no_forward_ad(self.model)
         warnings.warn(
             "fastvat.VAT: the model does not support forward-mode AD, so the exact low-precision power step is "
             f"unavailable ({exc}); falling back to finite differences, which need xi to be large next to the "
@@ -125,8 +139,24 @@ class VAT(Regularizer):
         else:
             t.direction(d, self.eps)
 
-    def __call__(self, *args, logits=None, **kwargs):
-        """L_vat = D(p, f(x + r_adv)), a scalar with gradients for the model's parameters."""
+    def __call__(self, *args: Any, logits: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """L_vat = D(p, f(x + r_adv)), a scalar with gradients for the model's parameters.
+
+        Args:
+            *args, **kwargs: the model's inputs, exactly as ``model(*args, **kwargs)`` takes them
+                (``labels=`` is dropped unless ``drop_labels=False``).
+            logits: the model's clean logits for these inputs, if the caller has them (saves a
+                forward); detached here. Not with ``head=``.
+
+        Returns:
+            The batch-mean KL divergence, a 0-dim tensor.
+
+        Raises:
+            FloatingPointError: a NaN/Inf under ``nonfinite="raise"``, naming where it appeared.
+            ValueError: ``logits`` of the wrong shape or device, or a model whose forward does not
+                reach the target.
+            RuntimeError: a nested call on the same instance.
+        """
         with self._call(args, kwargs) as (args, kwargs):
             p = self._clean_logits(args, kwargs, logits)
             d = self._finite_direction(self._adversarial_direction(args, kwargs, p), p)
@@ -137,8 +167,19 @@ class VAT(Regularizer):
             loss = self._divergence(p, q, "batchmean")
             return self._finite_loss(loss, p, d, logits is not None)
 
-    def perturbation(self, *args, logits=None, **kwargs):
-        """r_adv (detached), shaped like the perturbed tensor (weight target: [V, H], zero off-batch)."""
+    def perturbation(self, *args: Any, logits: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """r_adv (detached), shaped like the perturbed tensor (weight target: [V, H], zero off-batch).
+
+        Args:
+            *args, **kwargs, logits: as for ``__call__``.
+
+        Returns:
+            The adversarial perturbation, detached, of norm ``eps`` per norm group.
+
+        Raises:
+            FloatingPointError: a NaN/Inf under ``nonfinite="raise"``.
+            ValueError, RuntimeError: as for ``__call__``.
+        """
         with self._call(args, kwargs) as (args, kwargs):
             p = self._clean_logits(args, kwargs, logits)
             t = self._target
@@ -196,36 +237,49 @@ class VATLoss(nn.Module):
     ``nn.Module`` with no parameters or buffers, as those snippets' class is, so ``.to()``,
     ``state_dict()`` and containers such as ``nn.ModuleDict`` work; the model it is called with is
     not a submodule of it (``.to()`` does not move it, ``state_dict()`` stays empty) and is not kept
-    alive by it. ``class_dim`` as in ``VAT``.
+    alive by it.
+
+    Its positional ``(xi, eps, ip)`` and their defaults are those of the snippets it replaces, so
+    existing code keeps its meaning: ``ip`` is ``VAT``'s ``iters`` under the snippets' name, and
+    ``xi=10`` is their default, not ``VAT``'s per-target 0.1.
+
+    Args:
+        xi: the finite-difference step of the power iteration.
+        eps: the norm of the adversarial perturbation, per sample.
+        ip: power iterations (``VAT``'s ``iters``).
+        class_dim: as in ``VAT``.
+
+    Raises:
+        TypeError, ValueError: as ``VAT`` for the same arguments (named ``ip`` here).
     """
 
-    def __init__(self, xi=10.0, eps=1.0, ip=1, *, class_dim=None):
+    def __init__(self, xi: float = 10.0, eps: float = 1.0, ip: int = 1, *, class_dim: int | None = None) -> None:
         super().__init__()
         self.xi = _checks.finite_number("xi", xi, positive=True)
         self.eps = _checks.finite_number("eps", eps, positive=True)
         self.ip = _checks.nonnegative_int("ip", ip)
         self.class_dim = _checks.class_dim(class_dim)
-        # The one thing a VAT learns about a model across calls: that it has no forward-mode AD (so
-        # the exact low-precision power step is not retried). Kept weakly: a VAT holds its model, so
-        # one is built per call rather than cached, and a deleted model is freed.
-        self._no_forward_ad = weakref.WeakSet()
 
-    def extra_repr(self):
-        return f"xi={self.xi}, eps={self.eps}, ip={self.ip}"
+    def extra_repr(self) -> str:
+        return f"xi={self.xi}, eps={self.eps}, ip={self.ip}, class_dim={self.class_dim}"
 
-    def forward(self, model, x, logits=None):
+    def forward(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The VAT loss of ``model`` at ``x``.
+
+        A ``VAT`` is built per call (one kept would keep the model alive); what one learns about a
+        model across calls, that it has no forward-mode AD, is remembered per model by
+        ``fastvat._hvp`` for as long as the model lives.
+
+        Args:
+            model: the ``nn.Module``, called as ``model(x)``.
+            x: its input, perturbed with a per-sample norm.
+            logits: ``model(x)``'s clean logits if the caller has them.
+
+        Returns:
+            The batch-mean KL divergence, a 0-dim tensor.
+
+        Raises:
+            As ``VAT.__call__``.
+        """
         vat = VAT(model, xi=self.xi, eps=self.eps, iters=self.ip, norm="sample", class_dim=self.class_dim)
-        vat.exact_unavailable = model in self._no_forward_ad
-        try:
-            return vat(x, logits=logits)
-        finally:
-            if vat.exact_unavailable:
-                self._no_forward_ad.add(model)
-
-    def __getstate__(self):
-        # weak references do not pickle, and what they remember is only a shortcut
-        return {**super().__getstate__(), "_no_forward_ad": None}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._no_forward_ad = weakref.WeakSet()
+        return vat(x, logits=logits)

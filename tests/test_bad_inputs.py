@@ -283,8 +283,8 @@ def _user_cases():
                                                                 ValueError, r"^nonfinite must be one of"))(_bn_mlp())
     for cls, make in [("RandomNoise", lambda m, nf: fastvat.RandomNoise(m, nonfinite=nf)),
                       ("GradientPenalty", lambda m, nf: fastvat.GradientPenalty(m, nonfinite=nf)),
-                      ("FGM", lambda m, nf: fastvat.FGM(m, F.cross_entropy, nonfinite=nf)),
-                      ("PGD", lambda m, nf: fastvat.PGD(m, F.cross_entropy, nonfinite=nf))]:
+                      ("FGM", lambda m, nf: fastvat.FGM(m, loss_fn=F.cross_entropy, nonfinite=nf)),
+                      ("PGD", lambda m, nf: fastvat.PGD(m, loss_fn=F.cross_entropy, nonfinite=nf))]:
         for nf in ("nan", None):
             c[f"{cls}/nonfinite={nf!r}"] = (lambda make, nf: lambda: (lambda m: _model_case(
                 m, lambda: make(m, nf), ValueError,
@@ -335,16 +335,36 @@ def _user_cases():
         m, lambda: fastvat.RandomNoise(m, loss_fn=3), TypeError, r"^loss_fn must be callable"))(_bn_mlp())
     c["GradientPenalty/samples=0"] = lambda: (lambda m: _model_case(
         m, lambda: fastvat.GradientPenalty(m, samples=0), ValueError, r"^samples must be >= 1"))(_bn_mlp())
-    c["FGM/eps=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.FGM(m, F.cross_entropy, eps=0), ValueError,
+    c["FGM/eps=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.FGM(m, loss_fn=F.cross_entropy, eps=0), ValueError,
                                                     r"^eps must be > 0"))(_bn_mlp())
-    c["FGM/loss_fn not callable"] = lambda: (lambda m: _model_case(m, lambda: fastvat.FGM(m, "ce"), TypeError,
+    c["FGM/loss_fn not callable"] = lambda: (lambda m: _model_case(m, lambda: fastvat.FGM(m, loss_fn="ce"), TypeError,
                                                                    r"^loss_fn must be callable"))(_bn_mlp())
-    c["PGD/steps=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, F.cross_entropy, steps=0),
+    c["PGD/steps=0"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, loss_fn=F.cross_entropy, steps=0),
                                                       ValueError, r"^steps must be >= 1"))(_bn_mlp())
-    c["PGD/steps=1.5"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, F.cross_entropy, steps=1.5),
+    c["PGD/steps=1.5"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, loss_fn=F.cross_entropy, steps=1.5),
                                                         TypeError, r"^steps must be an int"))(_bn_mlp())
-    c["PGD/alpha=nan"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, F.cross_entropy, alpha=math.nan),
+    c["PGD/alpha=nan"] = lambda: (lambda m: _model_case(m, lambda: fastvat.PGD(m, loss_fn=F.cross_entropy, alpha=math.nan),
                                                         ValueError, r"^alpha must be finite"))(_bn_mlp())
+    # --- constructors: booleans (one check, _checks.flag, for every flag: "no" is not False) ---
+    for name, build in [
+        ("PGD/random_start='no'", lambda m: fastvat.PGD(m, loss_fn=F.cross_entropy, random_start="no")),
+        ("RandomNoise/symmetric=1", lambda m: fastvat.RandomNoise(m, symmetric=1)),
+        ("VAT/drop_labels='yes'", lambda m: fastvat.VAT(m, drop_labels="yes")),
+        ("GradientPenalty/drop_labels=None", lambda m: fastvat.GradientPenalty(m, drop_labels=None)),
+    ]:
+        flag = name.split("/")[1].split("=")[0]
+        c[name] = (lambda build, flag: lambda: (lambda m: _model_case(
+            m, lambda: build(m), TypeError, rf"^{flag} must be True or False, got"))(_bn_mlp()))(build, flag)
+    # --- constructors: the old FGM/PGD order (model, loss_fn, ...) is refused with the new one named ---
+    for cls in ("FGM", "PGD"):
+        c[f"{cls}/loss_fn passed positionally"] = (lambda cls: lambda: (lambda m: _model_case(
+            m, lambda: getattr(fastvat, cls)(m, F.cross_entropy), TypeError,
+            rf"^{cls}: embedding \(the second positional argument\).*by keyword: loss_fn="))(_text()))(cls)
+    c["FGM/loss module passed positionally"] = lambda: (lambda m: _model_case(
+        m, lambda: fastvat.FGM(m, nn.CrossEntropyLoss()), TypeError,
+        r"^FGM: embedding .*got CrossEntropyLoss\(\)"))(_text())
+    c["VAT/loss_fn positionally"] = lambda: (lambda m: _model_case(
+        m, lambda: fastvat.VAT(m, F.mse_loss), TypeError, r"^VAT: embedding \(the second positional"))(_text())
     # --- constructors: model, embedding, target, generator ---
     c["VAT/model not a module"] = lambda: (None, {}, lambda: fastvat.VAT(lambda x: x), TypeError,
                                            r"^model must be an nn.Module")
@@ -551,7 +571,7 @@ def test_empty_batch_other_regularizers(reg_cls):
         assert float(loss.detach()) == 0.0
     else:
         # cross_entropy of an empty batch is NaN (mean of nothing): use a sum, well-defined 0.
-        loss = reg_cls(model, lambda q, y: F.cross_entropy(q, y, reduction="sum"))(
+        loss = reg_cls(model, loss_fn=lambda q, y: F.cross_entropy(q, y, reduction="sum"))(
             torch.randn(0, 5), y=torch.zeros(0, dtype=torch.long))
         assert float(loss.detach()) == 0.0
 
@@ -563,6 +583,6 @@ def test_empty_batch_with_a_mean_loss_is_nonfinite(reg_cls):
     x, y = torch.randn(0, 5), torch.zeros(0, dtype=torch.long)
     before = snapshot(model)
     with pytest.raises(FloatingPointError, match=r"non-finite value \(NaN or Inf\) in the loss at x"):
-        reg_cls(model, F.cross_entropy)(x, y=y)
+        reg_cls(model, loss_fn=F.cross_entropy)(x, y=y)
     assert_unchanged(before, snapshot(model))
-    assert torch.isnan(reg_cls(model, F.cross_entropy, nonfinite="ignore")(x, y=y))
+    assert torch.isnan(reg_cls(model, loss_fn=F.cross_entropy, nonfinite="ignore")(x, y=y))

@@ -86,8 +86,8 @@ REGULARIZERS = {
     "VAT-iters0": lambda m, kw: fastvat.VAT(m, iters=0, **kw),
     "RandomNoise": lambda m, kw: fastvat.RandomNoise(m, k=2, **kw),
     "GradientPenalty": lambda m, kw: fastvat.GradientPenalty(m, **kw),
-    "FGM": lambda m, kw: fastvat.FGM(m, F.cross_entropy, **kw),
-    "PGD": lambda m, kw: fastvat.PGD(m, F.cross_entropy, steps=2, random_start=True, **kw),
+    "FGM": lambda m, kw: fastvat.FGM(m, loss_fn=F.cross_entropy, **kw),
+    "PGD": lambda m, kw: fastvat.PGD(m, loss_fn=F.cross_entropy, steps=2, random_start=True, **kw),
 }
 TARGETS = {"input": {}, "output": {"embedding": "emb"}, "weight": {"embedding": "emb", "target": "weight"}}
 COMBOS = [(r, t) for r in REGULARIZERS for t in TARGETS if not (r == "GradientPenalty" and t == "weight")]
@@ -270,9 +270,9 @@ OTHERS = {
     "RandomNoise-loss_fn": lambda m, kw: fastvat.RandomNoise(m, k=2, loss_fn=F.cross_entropy, **kw),
     "GradientPenalty": lambda m, kw: fastvat.GradientPenalty(m, **kw),
     "GradientPenalty-mse": lambda m, kw: fastvat.GradientPenalty(m, form="mse", estimator="exact", **kw),
-    "FGM": lambda m, kw: fastvat.FGM(m, F.cross_entropy, **kw),
-    "PGD": lambda m, kw: fastvat.PGD(m, F.cross_entropy, steps=2, **kw),
-    "PGD-random-start": lambda m, kw: fastvat.PGD(m, F.cross_entropy, steps=2, random_start=True, **kw),
+    "FGM": lambda m, kw: fastvat.FGM(m, loss_fn=F.cross_entropy, **kw),
+    "PGD": lambda m, kw: fastvat.PGD(m, loss_fn=F.cross_entropy, steps=2, **kw),
+    "PGD-random-start": lambda m, kw: fastvat.PGD(m, loss_fn=F.cross_entropy, steps=2, random_start=True, **kw),
 }
 # (regularizer, fault, n, where the message must say it appeared, what nonfinite="zero" does). The fault
 # is NaN/Inf logits from the model's n-th forward on ("logits"), or an Inf gradient through its hidden
@@ -459,8 +459,8 @@ def test_zero_gradient_gives_zero_perturbation(cls, target):
     assert torch.count_nonzero(r) == 0 and torch.isfinite(r).all()
     loss = vat(x)
     assert torch.isfinite(loss) and float(loss.detach()) == 0.0
-    for reg in (fastvat.FGM(model, F.cross_entropy, **TARGETS[target]),
-                fastvat.PGD(model, F.cross_entropy, steps=2, **TARGETS[target])):
+    for reg in (fastvat.FGM(model, loss_fn=F.cross_entropy, **TARGETS[target]),
+                fastvat.PGD(model, loss_fn=F.cross_entropy, steps=2, **TARGETS[target])):
         assert torch.isfinite(reg(x, y=Y[: x.shape[0]]))
     if target != "weight":
         assert float(fastvat.GradientPenalty(model, **TARGETS[target])(x).detach()) == 0.0

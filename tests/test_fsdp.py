@@ -308,8 +308,8 @@ CASES = [
     # the other regularizers
     mlp_case("random-noise", lambda m, r, s: fastvat.RandomNoise(m, eps=0.5, generator=_gen(r)),
              call=_call_without_logits),
-    mlp_case("fgm", lambda m, r, s: fastvat.FGM(m, F.cross_entropy, eps=0.5), call=_call_supervised),
-    mlp_case("pgd", lambda m, r, s: fastvat.PGD(m, F.cross_entropy, eps=0.5, steps=2, random_start=True,
+    mlp_case("fgm", lambda m, r, s: fastvat.FGM(m, loss_fn=F.cross_entropy, eps=0.5), call=_call_supervised),
+    mlp_case("pgd", lambda m, r, s: fastvat.PGD(m, loss_fn=F.cross_entropy, eps=0.5, steps=2, random_start=True,
                                                 generator=_gen(r)), call=_call_supervised),
     mlp_case("gradient-penalty-refused", lambda m, r, s: fastvat.GradientPenalty(m, generator=_gen(r)),
              call=_call_without_logits, raises=("NotImplementedError", "GradientPenalty does not support models "

@@ -54,3 +54,18 @@ def test_missing_kernels_fall_back_without_compiling():
         FASTVAT_JIT="", FASTVAT_BACKEND="",
     )
     assert out == "reference"
+
+
+def test_submodules_are_reachable_after_import_fastvat_without_importing_transformers():
+    """fastvat.inplace and fastvat.integrations load on first access (PEP 562); neither that nor
+    ``import fastvat`` imports transformers (only fastvat.integrations.huggingface does)."""
+    out = _python(
+        """
+        import sys, fastvat
+        before = "transformers" in sys.modules
+        ok = fastvat.inplace.ExactPerturbation.__name__ == "ExactPerturbation"
+        ok = ok and fastvat.integrations.__name__ == "fastvat.integrations" and "inplace" in dir(fastvat)
+        print(before, "transformers" in sys.modules, ok)
+        """
+    )
+    assert out == "False False True"

@@ -421,8 +421,8 @@ def _regularizers(model):
         fastvat.VAT(model, embedding=model.emb),
         fastvat.VAT(model, embedding=model.emb, target="weight"),
         fastvat.RandomNoise(model, embedding=model.emb, k=2),
-        fastvat.FGM(model, F.cross_entropy, embedding=model.emb),
-        fastvat.PGD(model, F.cross_entropy, embedding=model.emb, target="weight", steps=2),
+        fastvat.FGM(model, loss_fn=F.cross_entropy, embedding=model.emb),
+        fastvat.PGD(model, loss_fn=F.cross_entropy, embedding=model.emb, target="weight", steps=2),
         fastvat.GradientPenalty(model, embedding=model.emb),
     ]
 

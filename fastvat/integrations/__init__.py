@@ -7,6 +7,7 @@ Each lives in its own module and imports its framework only when that module is 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _LAZY = {
     "VATTrainer": "fastvat.integrations.huggingface",
@@ -16,7 +17,7 @@ _LAZY = {
 __all__ = ["huggingface", "VATTrainer", "VATMixin"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name == "huggingface":
         return importlib.import_module("fastvat.integrations.huggingface")
     if name in _LAZY:

@@ -26,6 +26,7 @@ Only this module imports transformers; ``import fastvat`` never does.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -72,7 +73,15 @@ def _logits_of(outputs, had_labels):
         return None
 
 
-class VATMixin:
+if TYPE_CHECKING:
+    # A mixin for Trainer subclasses: type-check it as one (at run time it derives from object, so
+    # that it can go before any Trainer subclass in the bases).
+    _TrainerBase = transformers.Trainer
+else:
+    _TrainerBase = object
+
+
+class VATMixin(_TrainerBase):
     """Adds ``vat_weight * VAT`` to a ``transformers.Trainer``'s training loss.
 
     Keyword arguments (everything else goes to the Trainer):
@@ -87,10 +96,16 @@ class VATMixin:
     vat_on_labeled: also apply VAT to the labelled batch (default True; needs no extra clean pass).
 
     The mean VAT term since the last log is logged as ``vat_loss``.
+
+    Raises:
+        TypeError: ``vat`` of another type; a non-bool ``vat_on_labeled``.
+        ValueError: a negative or non-finite ``vat_weight``, ``unlabeled_batch_size=0``, or
+            ``vat_on_labeled=False`` without an ``unlabeled_dataset``.
     """
 
-    def __init__(self, *args, vat=None, vat_weight=1.0, unlabeled_dataset=None, unlabeled_batch_size=None,
-                 vat_on_labeled=True, **kwargs):
+    def __init__(self, *args: Any, vat: dict[str, Any] | fastvat.VAT | None = None, vat_weight: float = 1.0,
+                 unlabeled_dataset: Any = None, unlabeled_batch_size: int | None = None,
+                 vat_on_labeled: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if vat is not None and not isinstance(vat, (dict, fastvat.VAT)):
             raise TypeError(f"vat must be None, a dict of fastvat.VAT arguments or a fastvat.VAT, got {type(vat).__name__}")
@@ -99,25 +114,36 @@ class VATMixin:
             unlabeled_batch_size = _checks.nonnegative_int("unlabeled_batch_size", unlabeled_batch_size)
             if unlabeled_batch_size == 0:
                 raise ValueError("unlabeled_batch_size must be >= 1")
-        self.vat_on_labeled = bool(vat_on_labeled)
+        self.vat_on_labeled = _checks.flag("vat_on_labeled", vat_on_labeled)
         if not self.vat_on_labeled and unlabeled_dataset is None and self.vat_weight > 0:
             raise ValueError("vat_on_labeled=False needs an unlabeled_dataset (otherwise there is nothing to regularize)")
         self.unlabeled_dataset = unlabeled_dataset
         self.unlabeled_batch_size = unlabeled_batch_size
         self._vat_spec = vat
         self._vat = vat if isinstance(vat, fastvat.VAT) else None
-        self._unlabeled_iter = None
-        self._vat_log_sum = None
+        self._unlabeled_iter: Any = None
+        self._vat_log_sum: torch.Tensor | None = None
         self._vat_log_count = 0
         self._parent_takes_num_items = "num_items_in_batch" in inspect.signature(super().compute_loss).parameters
 
     # -- the regularizer -----------------------------------------------------------------------
-    def get_vat(self, model):
-        """The ``fastvat.VAT`` for ``model`` (built on first use, on the module under DDP wrappers)."""
+    def get_vat(self, model: nn.Module) -> fastvat.VAT:
+        """The ``fastvat.VAT`` for ``model`` (built on first use, on the module under DDP wrappers).
+
+        Args:
+            model: the model the Trainer trains (possibly wrapped in DDP/DataParallel).
+
+        Returns:
+            The ``fastvat.VAT`` (the one passed as ``vat=``, or one built from the ``vat`` dict).
+
+        Raises:
+            TypeError: the model has no ``get_input_embeddings()`` and ``vat`` names no embedding;
+                or a ``fastvat.VAT`` argument error.
+        """
         base = _unwrap(model)
         if self._vat is not None and (self._vat.model is base or isinstance(self._vat_spec, fastvat.VAT)):
             return self._vat
-        kwargs = dict(self._vat_spec or {})
+        kwargs = dict(self._vat_spec) if isinstance(self._vat_spec, dict) else {}
         if kwargs.get("target") != "input" and "embedding" not in kwargs:
             if not hasattr(base, "get_input_embeddings"):
                 raise TypeError("the model has no get_input_embeddings(); pass vat={'embedding': ...}")
@@ -126,8 +152,12 @@ class VATMixin:
         self._vat = fastvat.VAT(base, embedding, **kwargs)
         return self._vat
 
-    def get_unlabeled_dataloader(self):
-        """A shuffled loader over ``unlabeled_dataset``, collated like the training data, prepared by accelerate."""
+    def get_unlabeled_dataloader(self) -> DataLoader:
+        """A shuffled loader over ``unlabeled_dataset``, collated like the training data, prepared by accelerate.
+
+        Returns:
+            The prepared ``DataLoader`` (reshuffled each pass from ``args.seed``).
+        """
         dataset = self.unlabeled_dataset
         collator = self.data_collator
         try:
@@ -140,8 +170,9 @@ class VATMixin:
             collator = self._get_collator_with_removed_columns(collator, description="unlabeled")
         batch_size = self.unlabeled_batch_size or getattr(self, "_train_batch_size", None) \
             or self.args.per_device_train_batch_size
-        params = dict(batch_size=batch_size, collate_fn=collator, num_workers=self.args.dataloader_num_workers,
-                      pin_memory=self.args.dataloader_pin_memory)
+        params: dict[str, Any] = dict(batch_size=batch_size, collate_fn=collator,
+                                      num_workers=self.args.dataloader_num_workers,
+                                      pin_memory=self.args.dataloader_pin_memory)
         if not isinstance(dataset, IterableDataset):
             gen = torch.Generator()
             gen.manual_seed(int(self.args.seed))
@@ -159,10 +190,24 @@ class VATMixin:
             batch = next(self._unlabeled_iter)
         return self._prepare_inputs(batch)
 
-    def compute_vat_loss(self, model, inputs, logits=None):
-        """The VAT term for one step: batch-mean over the labelled and (optional) unlabelled batch."""
+    def compute_vat_loss(self, model: nn.Module, inputs: dict[str, Any],
+                         logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The VAT term for one step: batch-mean over the labelled and (optional) unlabelled batch.
+
+        Args:
+            model: the model the Trainer trains.
+            inputs: the labelled batch, as the Trainer passes it to the model.
+            logits: the supervised forward's logits for ``inputs`` (saves VAT's clean pass).
+
+        Returns:
+            The VAT term, a 0-dim tensor.
+
+        Raises:
+            ValueError: no batched tensor in a batch; as ``fastvat.VAT.__call__``.
+        """
         vat = self.get_vat(model)
-        total, count = None, 0
+        total: Any = None
+        count = 0
         if self.vat_on_labeled:
             n = _batch_size(inputs)
             if vat.head is not None:
@@ -185,7 +230,19 @@ class VATMixin:
                 or getattr(self, "compute_loss_func", None) is not None
         return bool(flag)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        """The Trainer's loss plus ``vat_weight`` times the VAT term, in training with gradients on.
+
+        Args:
+            model, inputs, return_outputs, num_items_in_batch, **kwargs: as ``transformers.Trainer.compute_loss``.
+
+        Returns:
+            The loss, or ``(loss, outputs)`` with ``return_outputs``.
+
+        Raises:
+            As the parent's ``compute_loss`` and ``compute_vat_loss``.
+        """
         if self._parent_takes_num_items:
             kwargs["num_items_in_batch"] = num_items_in_batch
         active = self.vat_weight > 0 and model.training and torch.is_grad_enabled()
@@ -206,9 +263,17 @@ class VATMixin:
         loss = loss + self.vat_weight * vat_loss.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
-    def log(self, logs, *args, **kwargs):
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``log``, with the mean VAT term since the last log added as ``vat_loss``.
+
+        Args:
+            logs, *args, **kwargs: as ``transformers.Trainer.log``.
+
+        Returns:
+            What the parent's ``log`` returns.
+        """
         if self._vat_log_count and "loss" in logs:
-            logs["vat_loss"] = round(float(self._vat_log_sum) / self._vat_log_count, 6)
+            logs["vat_loss"] = round(float(cast(torch.Tensor, self._vat_log_sum)) / self._vat_log_count, 6)
             self._vat_log_sum, self._vat_log_count = None, 0
         return super().log(logs, *args, **kwargs)
 

@@ -8,12 +8,27 @@ from fastvat import reference as ref
 from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 
 
-def embedding_gather_add(weight, ids, delta, delta_index, *, padding_idx=None):
+def embedding_gather_add(weight: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor, delta_index: torch.Tensor, *,
+                         padding_idx: int | None = None) -> torch.Tensor:
     """``weight[ids] + delta[delta_index]``: the out-of-place weight-target perturbation.
 
     delta holds perturbation rows for the active vocabulary rows only ([U, H]); delta_index
     (ids' shape) says which delta row each token uses. Backward gives weight a dense gradient
     as ``F.embedding`` does (zero for ``padding_idx``) and delta a per-row segment sum.
+
+    Args:
+        weight: the embedding matrix [V, H], floating point.
+        ids: int32/int64 token ids, any shape, values in [0, V).
+        delta: perturbation rows [U, H], weight's dtype and device.
+        delta_index: ids' shape, int32/int64, values in [0, U): the delta row of each token.
+        padding_idx: as ``nn.Embedding``'s (no gradient to that row of ``weight``), or None.
+
+    Returns:
+        ``ids.shape + [H]``, weight's dtype.
+
+    Raises:
+        TypeError: a tensor of the wrong kind or dtype.
+        ValueError: mismatched shapes, devices or dtypes, or an index out of range (named).
     """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("ids", ids, integer=True)

@@ -10,7 +10,8 @@ from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 REDUCTIONS = ref.REDUCTIONS
 
 
-def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
+def kl_div_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, *, mask: torch.Tensor | None = None,
+                       reduction: str = "batchmean") -> torch.Tensor:
     """KL(softmax(p) || softmax(q)) over the last dim; p is a constant (no gradient).
 
     reduction: ``"batchmean"`` the sum over rows / ``q_logits.shape[0]`` for logits of two or more
@@ -23,6 +24,14 @@ def kl_div_with_logits(p_logits, q_logits, *, mask=None, reduction="batchmean"):
     Logits with no classes (last dim 0) are a ValueError.
     The loss is float32 for half inputs (float64 for float64). The gradient w.r.t. q_logits is
     computed in the forward pass; backward only scales it.
+
+    Returns:
+        The loss: 0-dim, or ``q_logits.shape[:-1]`` for ``"none"``.
+
+    Raises:
+        TypeError: non-floating-point logits, or a mask of the wrong dtype.
+        ValueError: logits of different shapes or devices, no classes, an unknown reduction, or a
+            mask that does not cover the leading dims.
     """
     _checks.tensor("p_logits", p_logits, floating=True)
     _checks.tensor("q_logits", q_logits, floating=True)

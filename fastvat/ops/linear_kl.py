@@ -31,7 +31,9 @@ def default_chunk_size(vocab_size: int) -> int:
     return 1 << (c.bit_length() - 1)
 
 
-def linear_kl_div(h_p, h_q, weight, bias=None, *, mask=None, reduction="batchmean", chunk_size=None):
+def linear_kl_div(h_p: torch.Tensor, h_q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  mask: torch.Tensor | None = None, reduction: str = "batchmean",
+                  chunk_size: int | None = None) -> torch.Tensor:
     """Per token KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), without materialising the logits.
 
     The tokens are walked in chunks of ``chunk_size`` rows; for each chunk the two [chunk, V] logit slabs
@@ -61,6 +63,11 @@ def linear_kl_div(h_p, h_q, weight, bias=None, *, mask=None, reduction="batchmea
     Returns:
         The loss: a 0-dim tensor, or ``h.shape[:-1]`` for ``"none"``; float32 for 16-bit inputs
         (float64 for float64), like ``kl_div_with_logits``.
+
+    Raises:
+        TypeError: a non-floating-point tensor, or mismatched dtypes.
+        ValueError: mismatched shapes or devices, an unknown reduction, a bad chunk_size, or a mask
+            that does not cover h's leading dims.
     """
     _checks.tensor("h_p", h_p, floating=True)
     _checks.tensor("h_q", h_q, floating=True)

@@ -10,7 +10,8 @@ from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 NORMS = ref.NORMS
 
 
-def l2_normalize(x, *, scale=1.0, norm="global", mask=None, baseline=None):
+def l2_normalize(x: torch.Tensor, *, scale: float = 1.0, norm: str = "global", mask: torch.Tensor | None = None,
+                 baseline: torch.Tensor | None = None) -> torch.Tensor:
     """``scale * v / ||v||`` with ``v = (x - baseline) * mask``, one L2 norm per group.
 
     norm: ``"global"`` one norm over the whole tensor; ``"sample"`` one per index of dim 0;
@@ -21,6 +22,13 @@ def l2_normalize(x, *, scale=1.0, norm="global", mask=None, baseline=None):
     (the dtype of ``x - baseline``): a baseline of another dtype is never rounded to x's, where the
     difference of two close tensors would lose its digits. A group whose norm is zero gives zeros
     (never NaN). Differentiable in x and baseline.
+
+    Returns:
+        A tensor of x's shape, in x's dtype (with a baseline: the promoted dtype above).
+
+    Raises:
+        TypeError: x, mask or baseline of the wrong kind or dtype; scale not a real number.
+        ValueError: an unknown norm, a non-finite scale, or a mask/baseline of the wrong shape or device.
     """
     _checks.tensor("x", x, floating=True)
     scale = _checks.finite_number("scale", scale)

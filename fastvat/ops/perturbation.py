@@ -8,7 +8,8 @@ from fastvat import reference as ref
 from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 
 
-def perturb_(weight, direction, *, scale, previous=None, out=None):
+def perturb_(weight: torch.Tensor, direction: torch.Tensor, *, scale: float, previous: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """The article's in-place step on an embedding matrix.
 
     ``new = scale * direction / ||direction||`` (global norm), ``weight += new - previous``,
@@ -20,6 +21,14 @@ def perturb_(weight, direction, *, scale, previous=None, out=None):
     ``new`` is formed in ``torch.promote_types(weight.dtype, direction.dtype)`` and rounded once to
     weight's dtype, the dtype it is stored in: a direction narrower than the weight (bf16 for a float32
     weight) gives a perturbation of the weight's precision, not one rounded to the direction's.
+
+    Returns:
+        ``new``, the perturbation now added to ``weight`` (pass it to ``restore_``).
+
+    Raises:
+        TypeError: a non-floating-point tensor, or scale not a real number.
+        ValueError: mismatched shapes or devices, a non-finite scale, partly shared memory, or a
+            ``weight`` that is a leaf requiring grad with grad mode on.
     """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("direction", direction, floating=True)
@@ -90,8 +99,17 @@ def _check_perturb_overlap(**tensors):
             )
 
 
-def restore_(weight, previous):
-    """Undo ``perturb_``: ``weight -= previous`` (exact up to one rounding of the weight's dtype)."""
+def restore_(weight: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Undo ``perturb_``: ``weight -= previous`` (a plain in-place ``sub_``; exact up to one rounding of
+    the weight's dtype — ``fastvat.inplace.ExactPerturbation`` restores bit-exactly).
+
+    Returns:
+        The weight.
+
+    Raises:
+        TypeError: a non-floating-point tensor.
+        ValueError: mismatched shapes or devices, or a ``weight`` that is a leaf requiring grad.
+    """
     _checks.tensor("weight", weight, floating=True)
     _checks.tensor("previous", previous, floating=True)
     _checks.same_device("previous", previous, "weight", weight)
