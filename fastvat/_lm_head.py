@@ -83,7 +83,7 @@ def logit_scale(owner, vocab_size) -> float:
     config = getattr(owner, "config", None)
     if config is None:
         return 1.0
-    model_type = getattr(config, "model_type", None)
+    model_type = str(getattr(config, "model_type", None))
     scale = 1.0
     for attr, kinds in LOGIT_TRANSFORMS.items():
         value = _config_value(config, attr)
