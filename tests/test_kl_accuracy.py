@@ -249,7 +249,10 @@ def _same_noise_in_any_dtype(monkeypatch):
     monkeypatch.setattr(_targets.Target, "_randn", randn)
 
 
-def test_r3f_tiny_noise_matches_the_float64_model(kl_backend, monkeypatch):
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one_sided", "symmetric"])
+def test_r3f_tiny_noise_matches_the_float64_model(kl_backend, monkeypatch, symmetric):
+    """sigma = 1e-5 noise (KLs of ~3e-12): the float32 model's loss within 10 % of the float64 model's
+    (the same weights and noise), and positive; each half alone too (two wrong halves can cancel)."""
     import fastvat
     from models import mlp
 
@@ -258,10 +261,10 @@ def test_r3f_tiny_noise_matches_the_float64_model(kl_backend, monkeypatch):
     losses = {}
     for dt in (torch.float32, torch.float64):
         model = mlp([16, 64, 10], dtype=dt, seed=0)
-        r = fastvat.RandomNoise(model, sigma=1e-5, symmetric=True, generator=torch.Generator().manual_seed(5))
+        r = fastvat.RandomNoise(model, sigma=1e-5, symmetric=symmetric, generator=torch.Generator().manual_seed(5))
         losses[dt] = r(x.to(dt))
     l32, l64 = losses[torch.float32].item(), losses[torch.float64].item()
-    assert l64 > 0 and l32 > 0
+    assert l64 > 0 and l32 > 0, (l32, l64)
     assert abs(l32 - l64) <= 0.1 * l64, (l32, l64)
 
 
@@ -296,3 +299,20 @@ def test_reverse_kl_is_accurate_for_nearby_distributions(kl_backend, with_head):
         _, _, gp_first = truth(lq, lp)  # d KL(q || p) / d q: the first argument's gradient
         gp_first = gp_first * mask.double().unsqueeze(-1)
         assert rel_err(g.reshape(-1, 3001)[keep], gp_first.reshape(-1, 3001)[keep]) <= 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["no_offset", "offset_1e4"])
+@pytest.mark.parametrize("C", [1000, 30522])
+def test_kls_around_the_fast_path_threshold(kl_backend, device, C, offset):
+    """KLs of 1e-3 to 0.1, on both sides of where the kernels switch from the one-pass float formula to
+    the exact-difference pass: within 1e-3 relative (the float path measures ~5e-5 at worst here)."""
+    x = randn(8, C, dtype=torch.float64, scale=8.0)
+    n = randn(8, C, dtype=torch.float64, seed=1)
+    for s in (0.05, 0.14, 0.2, 0.5):
+        p, q = (x + offset).float().to(device), (x + s * n - offset).float().to(device).requires_grad_()
+        rows = ops.kl_div_with_logits(p, q, reduction="none")
+        kl, gq, _ = truth(p, q)
+        assert rel_err(rows.reshape(-1, 1), kl.reshape(-1, 1)) <= 1e-3
+        (g,) = torch.autograd.grad(rows.sum(), q)
+        assert rel_err(g, gq) <= 1e-3

@@ -125,20 +125,32 @@ struct Final {
   // 0, as 0 log 0 = 0; a NaN softmax(p), from a NaN in the row, stays NaN).
   __device__ __forceinline__ A grad(A p, A q, A& kl) const {
     constexpr A nan = std::numeric_limits<A>::quiet_NaN();
-    if (precise) {
-      // softmax(q) - softmax(p) = π·expm1(x), x = (q - mq) - (p - mp) - L: no cancellation where p ≈ q;
-      // where |x| >= 1 the plain difference has none either (and the expm1 form could overflow)
-      const double a = static_cast<double>(p) - static_cast<double>(mp);
-      const double dq = static_cast<double>(q) - static_cast<double>(mq);
-      const double x = dq - a - pL, pi = ::exp(a) * pinv_zp;
-      const double g = ::fabs(x) < 1.0 ? pi * ::expm1(x) : ::exp(dq) * pinv_zq - pi;
-      return static_cast<A>(g * static_cast<double>(mm));
-    }
     const A dp = p - mp, dq = q - mq;
     const A ep = pvalid ? fast_exp(dp) * inv_zp : nan;
     const A eq = qvalid ? fast_exp(dq) * inv_zq : nan;
     kl += ep == A(0) ? A(0) : ep * ((dp - dq) - c);
     return (eq - ep) * mm;
+  }
+  // The gradient of a row that took KlPrecise (its loss is known): softmax(q) - softmax(p) = π·expm1(x),
+  // x = (q - mq) - (p - mp) - L, without cancellation where p ≈ q; where |x| >= 1 the plain difference
+  // has none either (and the expm1 form could overflow). Out of line, so that its double math does
+  // not weigh on the registers of the ordinary rows' loop.
+  __device__ __noinline__ A grad_precise(A p, A q) const {
+    const double a = static_cast<double>(p) - static_cast<double>(mp);
+    const double dq = static_cast<double>(q) - static_cast<double>(mq);
+    const double x = dq - a - pL, pi = ::exp(a) * pinv_zp;
+    const double g = ::fabs(x) < 1.0 ? pi * ::expm1(x) : ::exp(dq) * pinv_zq - pi;
+    return static_cast<A>(g * static_cast<double>(mm));
+  }
+  // One element of pass 2: the precise row's gradient (PRECISE, the same for the whole row), or the
+  // ordinary one with its KL term added to kl.
+  template <bool PRECISE>
+  __device__ __forceinline__ A grad2(A p, A q, A& kl) const {
+    if constexpr (PRECISE) {
+      return grad_precise(p, q);
+    } else {
+      return grad(p, q, kl);
+    }
   }
   // The loss from pass 1's statistics alone (valid rows).
   __device__ __forceinline__ A pass1_loss() const {
@@ -159,7 +171,7 @@ struct KlPrecise {
   double zp, a, d;
   __device__ __forceinline__ void init() { zp = a = d = 0.0; }
   template <typename A>
-  __device__ __forceinline__ void add(A p, A q, A mp, A mq) {
+  __device__ __noinline__ void add(A p, A q, A mp, A mq) {
     const double av = static_cast<double>(p) - static_cast<double>(mp);
     const double dq = static_cast<double>(q) - static_cast<double>(mq);
     const double t = av - dq, e = ::exp(av);
@@ -313,11 +325,11 @@ __device__ __forceinline__ void kl_finish_row(const KlRow& row, const KlEdges<ac
                                               acc_t<T>* __restrict__ rows, acc_t<T>* smem) {
   using A = acc_t<T>;
   if (row.tid < row.head) {
-    const A g = f.grad(ed.hp, ed.hq, kl[0]);
+    const A g = f.precise ? f.grad_precise(ed.hp, ed.hq) : f.grad(ed.hp, ed.hq, kl[0]);
     if (Gd != nullptr) Gd[row.a + row.tid] = static_cast<T>(g);
   }
   if (row.tid < row.tail) {
-    const A g = f.grad(ed.tp, ed.tq, kl[0]);
+    const A g = f.precise ? f.grad_precise(ed.tp, ed.tq) : f.grad(ed.tp, ed.tq, kl[0]);
     if (Gd != nullptr) Gd[row.sp.be + row.tid] = static_cast<T>(g);
   }
   team_reduce<TEAM, SumOp>(kl, smem);
@@ -388,18 +400,28 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
 
   A kl[1] = {f.kl_init()};
+  // one loop per kind of row, each with its own element math (the choice is the same for the team)
+  auto pass2 = [&](auto precise) {
 #pragma unroll
-  for (int s = 0; s < VPT; ++s) {
-    const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
-    if (k < row.nb) {
-      A pv[VEC], qv[VEC];
-      to_acc<T, VEC>(cp[s], pv);
-      to_acc<T, VEC>(cq[s * THREADS], qv);
-      Pack<T, VEC> g;
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
+      if (k < row.nb) {
+        A pv[VEC], qv[VEC];
+        to_acc<T, VEC>(cp[s], pv);
+        to_acc<T, VEC>(cq[s * THREADS], qv);
+        Pack<T, VEC> g;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
-      if (Gd != nullptr) store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+        for (int j = 0; j < VEC; ++j) {
+          g.val[j] = static_cast<T>(f.template grad2<decltype(precise)::value>(pv[j], qv[j], kl[0]));
+        }
+        if (Gd != nullptr) store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+      }
     }
+  };
+  if (f.precise) {
+    pass2(std::true_type{});
+  } else {
+    pass2(std::false_type{});
   }
   kl_finish_row<TEAM, T>(row, ed, f, kl, Gd, rows, smem);
 }
@@ -475,32 +497,42 @@ __global__ void __launch_bounds__(THREADS, (kl_streamed_min_blocks<THREADS>()))
   }
 
   A kl[1] = {f.kl_init()};
-  // Backwards over the same (k0, u) tiles: the last-read vectors first.
+  // Backwards over the same (k0, u) tiles: the last-read vectors first. One loop per kind of row, each
+  // with its own element math (the choice is the same for the team).
   const int64_t nsteps = (row.nb + step * U - 1) / (step * U);
-  for (int64_t s = nsteps - 1; s >= 0; --s) {
-    const int64_t k0 = s * step * U + row.tid;
-    Pack<T, VEC> bp[U], bq[U];
+  auto pass2 = [&](auto precise) {
+    for (int64_t s = nsteps - 1; s >= 0; --s) {
+      const int64_t k0 = s * step * U + row.tid;
+      Pack<T, VEC> bp[U], bq[U];
 #pragma unroll
-    for (int u = U - 1; u >= 0; --u) {
-      const int64_t k = k0 + u * step;
-      if (k < row.nb) {
-        bp[u] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
-        bq[u] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
+      for (int u = U - 1; u >= 0; --u) {
+        const int64_t k = k0 + u * step;
+        if (k < row.nb) {
+          bp[u] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
+          bq[u] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = U - 1; u >= 0; --u) {
+        const int64_t k = k0 + u * step;
+        if (k < row.nb) {
+          A pv[VEC], qv[VEC];
+          to_acc<T, VEC>(bp[u], pv);
+          to_acc<T, VEC>(bq[u], qv);
+          Pack<T, VEC> g;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            g.val[j] = static_cast<T>(f.template grad2<decltype(precise)::value>(pv[j], qv[j], kl[0]));
+          }
+          store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+        }
       }
     }
-#pragma unroll
-    for (int u = U - 1; u >= 0; --u) {
-      const int64_t k = k0 + u * step;
-      if (k < row.nb) {
-        A pv[VEC], qv[VEC];
-        to_acc<T, VEC>(bp[u], pv);
-        to_acc<T, VEC>(bq[u], qv);
-        Pack<T, VEC> g;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
-        store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
-      }
-    }
+  };
+  if (f.precise) {
+    pass2(std::true_type{});
+  } else {
+    pass2(std::false_type{});
   }
   kl_finish_row<TEAM, T>(row, ed, f, kl, Gd, rows, smem);
 }
