@@ -70,6 +70,8 @@ DUMP_SUFFIX = "at::Tensor*)"
 CASES = {
     "kl": ("kl_div_with_logits", "fp32 [256, 30522] randn logits, mask None, compute_grad"),
     "kl_long": ("kl_div_with_logits", "fp32 [2, 131072] randn logits (column-span split), compute_grad"),
+    # nearby distributions (VAT's power step, R3F): rows whose KL is small take the exact-difference pass
+    "kl_near": ("kl_div_with_logits", "fp32 [64, 30522] randn logits, q = p + 1e-5 randn, compute_grad"),
     "l2_sample_masked": ("l2_normalize", "fp32 x [32, 128, 768], float mask [32, 128] (~20% zeros), 'sample'"),
     "l2_global": ("l2_normalize", "fp32 x [4096, 768], no mask, 'global'"),
     "l2_token": ("l2_normalize", "fp32 x [32, 128, 768], no mask, 'token'"),
@@ -92,6 +94,10 @@ def _make_call(case: str):
     if case in ("kl", "kl_long"):
         shape = (256, 30522) if case == "kl" else (2, 131072)
         p, q = torch.randn(shape), torch.randn(shape)
+        return lambda: ops.kl_div_with_logits(p, q, None, True)
+    if case == "kl_near":
+        p = torch.randn(64, 30522)
+        q = p + 1e-5 * torch.randn(64, 30522)
         return lambda: ops.kl_div_with_logits(p, q, None, True)
     if case == "l2_sample_masked":
         x = torch.randn(32, 128, 768)

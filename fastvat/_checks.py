@@ -115,12 +115,25 @@ def leading_mask(mask, x, *, name="mask", x_name="x"):
 
 def row_mask(mask, x, *, x_name, feature):
     """A mask over the first k leading (non-``feature``) dims of the tensor argument ``x_name``,
-    validated and expanded to all of them: each of its entries covers every row below it."""
+    validated and expanded to all of them: each of its entries covers every row below it.
+
+    Row weights, so kept in the dtype the rows are accumulated in (float32, float64 for float64 x),
+    not rounded to x's (0.3 would be 0.30078 in bfloat16). Entries must be finite and >= 0: one host
+    read of the mask, skipped while tracing (torch.compile) where it cannot be read."""
     tensor("mask", mask)
     lead = tuple(x.shape[:-1])
     if mask.dim() > len(lead):
         raise ValueError(f"mask has {mask.dim()} dims but {x_name} has {len(lead)} leading (non-{feature}) dims")
-    probe = torch.empty(lead + (1,), device=x.device, dtype=x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    probe = torch.empty(lead + (1,), device=x.device, dtype=acc)
+    if (mask.dtype != torch.bool and not mask.dtype.is_complex and mask.numel() > 0 and mask.device.type != "meta"
+            and not torch.compiler.is_compiling()):
+        wrong = mask < 0
+        if mask.dtype.is_floating_point:
+            wrong = wrong | ~torch.isfinite(mask)
+        if bool(wrong.any()):
+            bad = mask[wrong].reshape(-1)[0].item()
+            raise ValueError(f"mask entries must be finite and >= 0 (row weights), got {bad}")
     mask = leading_mask(mask, probe, x_name=f"{x_name}'s leading dims")
     return mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.dim())).expand(lead)
 

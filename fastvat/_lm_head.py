@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvat import _fsdp
 from fastvat import reference as ref
+from fastvat.ops.kl import kl_div_with_logits
 from fastvat.ops.linear_kl import default_chunk_size
 
 IGNORE_INDEX = -100  # the label of positions that are not trained (prompt, padding), as in Hugging Face
@@ -269,12 +270,12 @@ def trained_positions(labels, shape, shift):
 
 
 def _reverse_kl_rows(p_logits, q_logits, keep):
-    """Per row KL(softmax(q) || softmax(p)) in the accumulation dtype; rows where ``keep`` is 0 give 0."""
-    dt = ref.acc_dtype(q_logits.dtype)
-    k = keep.to(dt).unsqueeze(-1) != 0
-    lp = F.log_softmax(torch.where(k, p_logits.to(dt), torch.zeros((), dtype=dt, device=k.device)), -1)
-    lq = F.log_softmax(torch.where(k, q_logits.to(dt), torch.zeros((), dtype=dt, device=k.device)), -1)
-    return (lq.exp() * (lq - lp)).sum(-1) * keep.to(dt)
+    """Per row KL(softmax(q) || softmax(p)) in the accumulation dtype; rows where ``keep`` is 0 give 0.
+
+    The KL op with its arguments swapped (its gradient w.r.t. the first argument), so that this half
+    keeps the op's accuracy for nearby distributions, where the plain formula's rounding is as large
+    as the KL itself and can make it negative."""
+    return kl_div_with_logits(q_logits, p_logits, mask=keep, reduction="none")
 
 
 def _reverse_kl_head_rows(h_p, h_q, weight, bias, keep):

@@ -141,24 +141,87 @@ def restore_(weight, previous):
     return weight
 
 
+def kl_dtype(p_dtype: torch.dtype, q_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the KL of logits of these dtypes is computed in: the wider of the two (PyTorch's
+    promotion), never q's when p is wider."""
+    return torch.promote_types(p_dtype, q_dtype)
+
+
+def _kl_parts(p_logits, q_logits):
+    """The exact-difference form of KL(softmax(p) || softmax(q)) per row, in float64.
+
+    With the row maxima mp, mq as shifts, a = p - mp, t = a - (q - mq) (= p - q up to a constant; a
+    difference of two nearby logits is exact), e = e^a, Zp = sum e, A = sum e t and
+    D = sum (e^(q - mq) - e) = Zq - Zp, whose terms are formed as e * expm1(-t) where |t| < 1:
+    KL = A/Zp + log1p(D/Zp). Both sums keep their relative accuracy however close p and q are, so the
+    first-order terms cancel in float64, not in the logits' dtype: the plain formula's rounding (an
+    ulp of each log-sum-exp) is as large as a KL of 1e-7 in float32, and can make it negative.
+    Returns (a, t, e, zp, L = log1p(D/Zp), kl), each row's values shaped to broadcast (keepdim).
+    """
+    P = p_logits.to(torch.float64)
+    Q = q_logits.to(torch.float64)
+    # the maxima are shifts the KL does not depend on: constants for autograd
+    a = P - P.detach().amax(-1, keepdim=True)  # an all -inf row gives NaN: no distribution
+    dq = Q - Q.detach().amax(-1, keepdim=True)
+    t = a - dq
+    e = a.exp()
+    zero = torch.zeros((), dtype=torch.float64, device=P.device)
+    zp = e.sum(-1, keepdim=True)
+    # 0 * log 0 = 0: a class with p = -inf (probability 0) adds nothing, even where q = -inf too.
+    # The branches not taken are fed zeros, so that their inf/NaN never reach a gradient.
+    live = e != 0
+    A = torch.where(live, e * torch.where(live, t, zero), zero).sum(-1, keepdim=True)
+    near = t.abs() < 1
+    D = torch.where(near, e * torch.expm1(-torch.where(near, t, zero)), dq.exp() - e).sum(-1, keepdim=True)
+    L = torch.log1p(D / zp)
+    kl = A / zp + L
+    kl = torch.where(kl < 0, zero, kl)  # never negative; NaN stays NaN
+    return a, dq, t, e, zp, D, L, kl
+
+
 def kl_rows(p_logits, q_logits, mask=None):
-    """Per-row KL(softmax(p) || softmax(q)) over the last dim, in the accumulation dtype."""
-    dt = acc_dtype(q_logits.dtype)
-    p_logits, q_logits = p_logits.detach().to(dt), q_logits.to(dt)
+    """Per-row KL(softmax(p) || softmax(q)) over the last dim, in the accumulation dtype of the wider
+    of the two dtypes; differentiable in both arguments."""
+    dt = acc_dtype(kl_dtype(p_logits.dtype, q_logits.dtype))
     if mask is not None:
         # a masked row is exactly 0 with a zero gradient, even when its logits are garbage (NaN,
         # all -inf) as in padding: it is computed on zeros instead
-        keep = mask.to(dt).reshape(q_logits.shape[:-1] + (1,)) != 0
+        keep = mask.reshape(q_logits.shape[:-1] + (1,)) != 0
         p_logits = torch.where(keep, p_logits, torch.zeros_like(p_logits))
         q_logits = torch.where(keep, q_logits, torch.zeros_like(q_logits))
-    lp = F.log_softmax(p_logits, dim=-1)
-    lq = F.log_softmax(q_logits, dim=-1)
-    pp = lp.exp()
-    # 0 * log 0 = 0: a class with p = -inf (probability 0) adds nothing, even where q = -inf too.
-    rows = torch.where(pp == 0, torch.zeros_like(pp), pp * (lp - lq)).sum(-1)  # NaN stays NaN
+    rows = _kl_parts(p_logits, q_logits)[-1].squeeze(-1)
     if mask is not None:
-        rows = rows * mask.to(dt).reshape(rows.shape)
-    return rows
+        rows = rows * mask.to(torch.float64).reshape(rows.shape)
+    return rows.to(dt)
+
+
+def kl_grads(p_logits, q_logits, mask=None, *, want_p=True, want_q=True):
+    """(d KL / d p, d KL / d q) per row, float64, each accurate relative to its own size (None where
+    not wanted): d/dq = softmax(q) - softmax(p) = pi * expm1(-t - L) (exactly 0 where p = q), and
+    d/dp = pi * (d - sum pi d), d = p - q, = pi * (t - A/Zp). Where |t + L| >= 1 there is no cancellation
+    and d/dq is formed plainly. Masked rows are computed on zeros and scaled by the mask."""
+    keep = None
+    if mask is not None:
+        keep = mask.reshape(q_logits.shape[:-1] + (1,)) != 0
+        p_logits = torch.where(keep, p_logits, torch.zeros_like(p_logits))
+        q_logits = torch.where(keep, q_logits, torch.zeros_like(q_logits))
+    a, dq, t, e, zp, D, L, _ = _kl_parts(p_logits, q_logits)
+    zero = torch.zeros((), dtype=torch.float64, device=e.device)
+    pi = e / zp
+    gp = gq = None
+    if want_q:
+        x = dq - a - L
+        near = x.abs() < 1
+        gq = torch.where(near, pi * torch.expm1(torch.where(near, x, zero)), dq.exp() / (zp + D) - pi)
+    if want_p:
+        live = e != 0
+        m = torch.where(live, pi * torch.where(live, t, zero), zero).sum(-1, keepdim=True)
+        gp = torch.where(live, pi * (torch.where(live, t, zero) - m), zero)
+    if mask is not None:
+        w = mask.to(torch.float64).reshape(keep.shape)
+        gp = None if gp is None else torch.where(keep, gp * w, zero)
+        gq = None if gq is None else torch.where(keep, gq * w, zero)
+    return gp, gq
 
 
 def reduce_rows(rows, reduction, batch_size, mask=None):
@@ -196,6 +259,7 @@ def linear_kl_div(h_p, h_q, weight, bias=None, mask=None, reduction="batchmean")
         keep = _mask_like(mask, h_q, h_q.dtype) != 0
         h_p = torch.where(keep, h_p, torch.zeros_like(h_p))
         h_q = torch.where(keep, h_q, torch.zeros_like(h_q))
-    p_logits = F.linear(h_p.detach(), weight, bias)
+    # p is a constant: its logits give weight and bias no gradient
+    p_logits = F.linear(h_p.detach(), weight, bias).detach()
     q_logits = F.linear(h_q, weight, bias)
     return kl_div_with_logits(p_logits, q_logits, mask, reduction)

@@ -8,7 +8,13 @@
 // offset rows (p + a, q - a) would carry |2a| into every term and cancel it only at the end, losing
 // digits in proportion to the offset. The lanes are merged in a fixed order, then
 // loss = S/Zp - (log Zp - log Zq). When the gradient is wanted a second pass over the same row (still
-// in L2) writes it. Rows are independent and are split over threads (up to 4 rows of >= 64k
+// in L2) writes it.
+//
+// Small KLs (nearby distributions, the VAT and R3F regime) and rows whose float statistics overflow
+// take a second, exact-difference pass in double (see kl_precise): the usual formula above carries an
+// absolute rounding error of about an ulp of each log-sum-exp, as large as a KL of 1e-7 itself, and can
+// come out negative. The first pass's maxima are the shifts of the second, so it needs no rescaling.
+// Rows are independent and are split over threads (up to 4 rows of >= 64k
 // classes: column spans, see kl_kernel_split); masked rows (mask == 0) cost nothing and give loss 0,
 // gradient 0.
 #include <torch/library.h>
@@ -167,6 +173,118 @@ struct KLRow {
   }
 };
 
+// Statistics of one row (or column span) in double with the row's maxima mp, mq as fixed shifts:
+//   a = p - mp,  t = a - (q - mq) = (p - q) - (mp - mq),  e = e^a,
+//   Zp = Σ e,  A = Σ e t,  D = Σ (e^{q - mq} - e) = Zq - Zp.
+// The difference of two nearby logits is exact in double, and D's terms are formed as e·expm1(-t) where
+// |t| < 1, so both sums keep their relative accuracy however small t is. Then
+//   KL = Σπ(p - q) - lse_p + lse_q = A/Zp + log1p(D/Zp),
+// whose two terms cancel to first order in t in double, not in the float of the logits.
+// Terms of p = -inf (e = 0) add nothing to A; a q = -inf under e > 0 makes A (and the KL) +inf.
+struct PreciseStats {
+  double zp = 0, a = 0, d = 0;
+  PreciseStats& operator+=(const PreciseStats& o) {
+    zp += o.zp;
+    a += o.a;
+    d += o.d;
+    return *this;
+  }
+  double loss() const {
+    const double kl = a / zp + std::log1p(d / zp);
+    // never below 0 (the rounding of a KL of 0); NaN stays NaN
+    return kl < 0.0 ? 0.0 : kl;
+  }
+};
+
+// The exact-difference pass runs on few rows: out of line, so that it changes nothing in the code of
+// the ordinary rows' loops (inlined, it cost them an instruction per vector).
+#if defined(__GNUC__)
+#define FASTVAT_KL_OUTLINE __attribute__((noinline))
+#else
+#define FASTVAT_KL_OUTLINE
+#endif
+
+template <typename T>
+struct KLPrecise {
+  using Vd = Vectorized<double>;
+  static constexpr int64_t W = Vd::size();
+
+  static inline Vd load(const T* x) {
+    __at_align__ double b[W];
+    for (int64_t j = 0; j < W; ++j) b[j] = static_cast<double>(x[j]);
+    return Vd::loadu(b);
+  }
+
+  static inline void term(double pv, double qv, double mp, double mq, PreciseStats& s) {
+    const double a = pv - mp, t = a - (qv - mq), e = std::exp(a);
+    s.zp += e;
+    s.a += e == 0.0 ? 0.0 : e * t;
+    s.d += std::abs(t) < 1.0 ? e * std::expm1(-t) : std::exp(qv - mq) - e;
+  }
+
+  FASTVAT_KL_OUTLINE static PreciseStats stats(const T* p, const T* q, int64_t C, double mp, double mq) {
+    const Vd vmp(mp), vmq(mq), zero(0.0), one(1.0);
+    Vd zp(0.0), sa(0.0), sd(0.0);
+    int64_t i = 0;
+    for (; i + W <= C; i += W) {
+      const Vd pv = load(p + i), qv = load(q + i);
+      const Vd a = pv - vmp, dq = qv - vmq, t = a - dq, e = a.exp();
+      zp = zp + e;
+      sa = sa + Vd::blendv(e * t, zero, e == zero);
+      const Vd near = t.abs() < one;
+      // expm1 of a masked-out lane may be inf or NaN; blendv drops it
+      sd = sd + Vd::blendv(dq.exp() - e, e * (zero - Vd::blendv(zero, t, near)).expm1(), near);
+    }
+    __at_align__ double bz[W], ba[W], bd[W];
+    zp.store(bz);
+    sa.store(ba);
+    sd.store(bd);
+    PreciseStats s;
+    for (int64_t j = 0; j < W; ++j) s += PreciseStats{bz[j], ba[j], bd[j]};
+    PreciseStats tail;
+    for (; i < C; ++i) term(static_cast<double>(p[i]), static_cast<double>(q[i]), mp, mq, tail);
+    return s += tail;
+  }
+
+  // g = (softmax(q) - softmax(p)) * m = π·expm1(-t - L) * m, L = log(Zq/Zp) = log1p(D/Zp): exactly 0
+  // where p = q, accurate relative to its own size where they are close; where |t + L| >= 1 the plain
+  // difference e^{q-mq}/Zq - e/Zp has no cancellation to lose digits to.
+  static inline double gterm(double pv, double qv, double mp, double mq, double inv_zp, double inv_zq, double L) {
+    const double a = pv - mp, x = (qv - mq) - a - L;
+    const double pi = std::exp(a) * inv_zp;
+    return std::abs(x) < 1.0 ? pi * std::expm1(x) : std::exp(qv - mq) * inv_zq - pi;
+  }
+
+  FASTVAT_KL_OUTLINE static void grad(const T* p, const T* q, int64_t C, double mp, double mq, const PreciseStats& r,
+                                      double m, T* g) {
+    const double L = std::log1p(r.d / r.zp);
+    const double inv_zp = 1.0 / r.zp, inv_zq = 1.0 / (r.zp + r.d);
+    const Vd vmp(mp), vmq(mq), vL(L), vip(inv_zp), viq(inv_zq), vm(m), zero(0.0), one(1.0);
+    int64_t i = 0;
+    __at_align__ double b[W];
+    for (; i + W <= C; i += W) {
+      const Vd a = load(p + i) - vmp, dq = load(q + i) - vmq, x = dq - a - vL;
+      const Vd pi = a.exp() * vip;
+      const Vd near = x.abs() < one;
+      const Vd gv = Vd::blendv(dq.exp() * viq - pi, pi * Vd::blendv(zero, x, near).expm1(), near) * vm;
+      gv.store(b);
+      for (int64_t j = 0; j < W; ++j) g[i + j] = static_cast<T>(b[j]);
+    }
+    for (; i < C; ++i) g[i] = static_cast<T>(gterm(p[i], q[i], mp, mq, inv_zp, inv_zq, L) * m);
+  }
+};
+
+// Whether a row's float statistics give its KL to better than about 1e-4 relative: the rounding of
+// the usual formula is an absolute error of a few ulp of the accumulation type (measured for float:
+// at most 5e-7 up to C = 128k and offsets of 1e4, so at most 5e-5 relative above the threshold), so
+// rows with a smaller KL, and rows whose statistics overflowed (S = inf for a KL that is finite in
+// double) or are NaN, are redone by KLPrecise.
+template <typename A>
+inline bool fast_loss_ok(double loss) {
+  constexpr double tau = std::is_same_v<A, double> ? 1e-9 : 1e-2;
+  return loss > tau && loss < std::numeric_limits<double>::infinity();
+}
+
 // A handful of very long rows (at most kSplitMaxRows of at least kSplitCols classes: a 128k-class head
 // over a few samples) is cut into column spans of kSpan: the spans' statistics are taken in parallel
 // and merged per row in span order, then the gradient is written span by span. The choice and the
@@ -177,10 +295,9 @@ constexpr int64_t kSplitMaxRows = 4;
 constexpr int64_t kSpan = 32768;
 
 template <typename A>
-A row_loss(const RowStats<A>& r) {
-  const double loss = static_cast<double>(r.s) / static_cast<double>(r.zp) -
-                      (std::log(static_cast<double>(r.zp)) - std::log(static_cast<double>(r.zq)));
-  return static_cast<A>(loss);
+double row_loss(const RowStats<A>& r) {
+  return static_cast<double>(r.s) / static_cast<double>(r.zp) -
+         (std::log(static_cast<double>(r.zp)) - std::log(static_cast<double>(r.zq)));
 }
 
 template <typename T, typename A>
@@ -201,13 +318,40 @@ void kl_kernel_split(const T* p, const T* q, const A* mask, int64_t N, int64_t C
     }
   });
   std::vector<RowStats<A>> stats(static_cast<size_t>(N));
+  std::vector<char> precise(static_cast<size_t>(N), 0);
+  bool any_precise = false;
   for (int64_t n = 0; n < N; ++n) {
     if (masked(n)) {
       rows[n] = A(0);
       continue;
     }
     stats[n] = merge_stats(part.data() + n * ns, ns);
-    rows[n] = row_loss(stats[n]) * (mask != nullptr ? mask[n] : A(1));
+    const double loss = row_loss(stats[n]);
+    if (fast_loss_ok<A>(loss)) {
+      rows[n] = static_cast<A>(loss) * (mask != nullptr ? mask[n] : A(1));
+    } else {
+      precise[n] = 1;
+      any_precise = true;
+    }
+  }
+  std::vector<PreciseStats> pstats;
+  if (any_precise) {
+    std::vector<PreciseStats> ppart(static_cast<size_t>(N * ns));
+    at::parallel_for(0, N * ns, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        int64_t n, a, len;
+        span(it, n, a, len);
+        if (precise[n]) {
+          ppart[it] = KLPrecise<T>::stats(p + n * C + a, q + n * C + a, len, stats[n].mp, stats[n].mq);
+        }
+      }
+    });
+    pstats.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      if (!precise[n]) continue;
+      for (int64_t s = 0; s < ns; ++s) pstats[n] += ppart[n * ns + s];  // span order
+      rows[n] = static_cast<A>(pstats[n].loss()) * (mask != nullptr ? mask[n] : A(1));
+    }
   }
   if (g == nullptr) return;
   at::parallel_for(0, N * ns, 1, [&](int64_t i0, int64_t i1) {
@@ -215,10 +359,13 @@ void kl_kernel_split(const T* p, const T* q, const A* mask, int64_t N, int64_t C
       int64_t n, a, len;
       span(it, n, a, len);
       T* gs = g + n * C + a;
+      const A m = mask != nullptr ? mask[n] : A(1);
       if (masked(n)) {
         std::fill(gs, gs + len, T(0));
+      } else if (precise[n]) {
+        KLPrecise<T>::grad(p + n * C + a, q + n * C + a, len, stats[n].mp, stats[n].mq, pstats[n], m, gs);
       } else {
-        KLRow<T>::grad(p + n * C + a, q + n * C + a, len, stats[n], mask != nullptr ? mask[n] : A(1), gs);
+        KLRow<T>::grad(p + n * C + a, q + n * C + a, len, stats[n], m, gs);
       }
     }
   });
@@ -245,8 +392,15 @@ void kl_kernel(const T* p, const T* q, const A* mask, int64_t N, int64_t C, A* r
       const T* pn = p + n * C;
       const T* qn = q + n * C;
       const RowStats<acc_t> r = KLRow<T>::stats(pn, qn, C);
-      rows[n] = row_loss(r) * m;
-      if (gn != nullptr) KLRow<T>::grad(pn, qn, C, r, m, gn);
+      const double loss = row_loss(r);
+      if (fast_loss_ok<acc_t>(loss)) {
+        rows[n] = static_cast<acc_t>(loss) * m;
+        if (gn != nullptr) KLRow<T>::grad(pn, qn, C, r, m, gn);
+      } else {
+        const PreciseStats ps = KLPrecise<T>::stats(pn, qn, C, r.mp, r.mq);
+        rows[n] = static_cast<acc_t>(ps.loss()) * m;
+        if (gn != nullptr) KLPrecise<T>::grad(pn, qn, C, r.mp, r.mq, ps, m, gn);
+      }
     }
   });
 }
@@ -261,21 +415,32 @@ namespace fastvat {
 namespace cpu {
 namespace {
 
-// Same math with ATen ops, for CPUs without the kernels' ISA. Computed in double: ATen's float
-// log_softmax and sum keep only about 1e-5 of a small KL's relative accuracy on 100k-class rows,
-// where the kernels' shifted accumulation keeps 1e-6 or better.
+// Same math with ATen ops, for CPUs without the kernels' ISA: KLPrecise's exact-difference form for
+// every row, in double (ATen's float log_softmax and sum keep only about 1e-5 of a small KL's relative
+// accuracy on 100k-class rows, and the plain formula none of a KL below ~1e-7).
 std::tuple<at::Tensor, at::Tensor> kl_fallback(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mask_in,
                                                bool compute_grad) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor mask = mask_in.defined() ? mask_in.to(at::kDouble) : mask_in;
-  const at::Tensor lp = at::log_softmax(p.to(at::kDouble), 1), lq = at::log_softmax(q.to(at::kDouble), 1);
-  const at::Tensor ep = lp.exp();
-  // NaN stays NaN (an all -inf row has no distribution), as in the kernel and the reference
-  at::Tensor rows = at::where(ep == 0, at::zeros_like(ep), ep * (lp - lq)).sum(1);
+  const at::Tensor P = p.to(at::kDouble), Q = q.to(at::kDouble);
+  // An all -inf row has maximum -inf and a = NaN: the row is NaN (no distribution), as in the kernel.
+  const at::Tensor a = P - std::get<0>(P.max(1, true));
+  const at::Tensor dq = Q - std::get<0>(Q.max(1, true));
+  const at::Tensor t = a - dq, e = a.exp(), eq = dq.exp();
+  const at::Tensor zp = e.sum(1);
+  const at::Tensor zero = at::zeros({}, P.options());
+  const at::Tensor A = at::where(e == 0, zero, e * t).sum(1);
+  const at::Tensor near = t.abs() < 1;
+  const at::Tensor D = at::where(near, e * at::expm1(-at::where(near, t, zero)), eq - e).sum(1);
+  const at::Tensor L = at::log1p(D / zp);
+  at::Tensor rows = A / zp + L;
+  rows = at::where(rows < 0, zero, rows);  // a KL is never negative; NaN stays NaN
   if (mask.defined()) rows = at::where(mask == 0, at::zeros_like(rows), rows * mask);
   at::Tensor grad;
   if (compute_grad) {
-    grad = lq.exp() - ep;
+    const at::Tensor x = dq - a - L.unsqueeze(1), pi = e / zp.unsqueeze(1);
+    const at::Tensor nearg = x.abs() < 1;
+    grad = at::where(nearg, pi * at::expm1(at::where(nearg, x, zero)), eq / (zp + D).unsqueeze(1) - pi);
     if (mask.defined()) grad = at::where(mask.unsqueeze(1) == 0, at::zeros_like(grad), grad * mask.unsqueeze(1));
     grad = grad.to(q.scalar_type()).contiguous();
   } else {

@@ -18,6 +18,13 @@
 // epilogue. Other kernel choices exist for benchmarks only, through the op
 // _kl_div_with_logits_variant (see KlVariant).
 // Masked rows (mask == 0) are not read.
+//
+// Small KLs (nearby distributions: the usual formula's rounding, an ulp of each log-sum-exp, is as
+// large as a KL of 1e-7 in float and can make it negative) and rows whose float statistics overflow
+// take one more pass in double before pass 2 (KlPrecise): with the row maxima as fixed shifts,
+// t = (p - mp) - (q - mq) is an exact difference and KL = A/Zp + log1p(D/Zp), A = Σe^{p-mp}t,
+// D = Zq - Zp summed as e^{p-mp}·expm1(-t); pass 2 then writes softmax(q) - softmax(p) as
+// softmax(p)·expm1(-t - log1p(D/Zp)), exactly 0 where p = q. Same math as the CPU kernel's KLPrecise.
 #include "common.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -26,6 +33,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 namespace fastvat {
 namespace cuda {
@@ -107,6 +115,9 @@ struct Final {
   A mp, mq, inv_zp, inv_zq, zp, sp, c, mm;
   double cd;  // c in double, for the loss without pass 2
   bool pvalid, qvalid;
+  // KlPrecise's results, for rows that take it: 1/Zp, 1/Zq, log1p(D/Zp) and the loss, in double
+  bool precise;
+  double pinv_zp, pinv_zq, pL, ploss;
   __device__ __forceinline__ A kl_init() const {
     return pvalid && qvalid ? A(0) : std::numeric_limits<A>::quiet_NaN();
   }
@@ -120,11 +131,76 @@ struct Final {
     kl += ep == A(0) ? A(0) : ep * ((dp - dq) - c);
     return (eq - ep) * mm;
   }
+  // The gradient of a row that took KlPrecise (its loss is known): softmax(q) - softmax(p) = π·expm1(x),
+  // x = (q - mq) - (p - mp) - L, without cancellation where p ≈ q; where |x| >= 1 the plain difference
+  // has none either (and the expm1 form could overflow). Out of line, so that its double math does
+  // not weigh on the registers of the ordinary rows' loop.
+  __device__ __noinline__ A grad_precise(A p, A q) const {
+    const double a = static_cast<double>(p) - static_cast<double>(mp);
+    const double dq = static_cast<double>(q) - static_cast<double>(mq);
+    const double x = dq - a - pL, pi = ::exp(a) * pinv_zp;
+    const double g = ::fabs(x) < 1.0 ? pi * ::expm1(x) : ::exp(dq) * pinv_zq - pi;
+    return static_cast<A>(g * static_cast<double>(mm));
+  }
+  // One element of pass 2: the precise row's gradient (PRECISE, the same for the whole row), or the
+  // ordinary one with its KL term added to kl.
+  template <bool PRECISE>
+  __device__ __forceinline__ A grad2(A p, A q, A& kl) const {
+    if constexpr (PRECISE) {
+      return grad_precise(p, q);
+    } else {
+      return grad(p, q, kl);
+    }
+  }
   // The loss from pass 1's statistics alone (valid rows).
   __device__ __forceinline__ A pass1_loss() const {
+    if (precise) return static_cast<A>(ploss * static_cast<double>(mm));
     return static_cast<A>((static_cast<double>(sp) / static_cast<double>(zp) - cd) * static_cast<double>(mm));
   }
+  // The row's loss from pass 2's team sum of the KL terms (or KlPrecise's), times the mask.
+  __device__ __forceinline__ A row_loss(A kl_sum) const {
+    return (precise ? static_cast<A>(ploss) : kl_sum) * mm;
+  }
 };
+
+// Exact-difference statistics in double of one thread's share of a row, the row maxima as fixed shifts:
+//   a = p - mp, t = a - (q - mq), e = e^a;  Zp = Σe, A = Σe·t, D = Σ(e^{q-mq} - e) = Zq - Zp,
+// D's terms as e·expm1(-t) where |t| < 1. A term of p = -inf (e = 0) adds nothing to A; a q = -inf
+// under e > 0 makes A, and the KL, +inf.
+struct KlPrecise {
+  double zp, a, d;
+  __device__ __forceinline__ void init() { zp = a = d = 0.0; }
+  template <typename A>
+  __device__ __noinline__ void add(A p, A q, A mp, A mq) {
+    const double av = static_cast<double>(p) - static_cast<double>(mp);
+    const double dq = static_cast<double>(q) - static_cast<double>(mq);
+    const double t = av - dq, e = ::exp(av);
+    zp += e;
+    a += e == 0.0 ? 0.0 : e * t;
+    d += ::fabs(t) < 1.0 ? e * ::expm1(-t) : ::exp(dq) - e;
+  }
+};
+
+// Whether pass 1's float statistics give the row's KL to about 1e-4 relative: their rounding is an
+// absolute error of a few ulp of A, so a smaller KL, or statistics that overflowed (S = inf for a KL
+// that is finite in double) or are NaN, take KlPrecise.
+template <typename A>
+__device__ __forceinline__ bool kl_fast_ok(double loss) {
+  constexpr double tau = std::is_same<A, double>::value ? 1e-9 : 1e-2;
+  return loss > tau && loss < std::numeric_limits<double>::infinity();
+}
+
+// The team's KlPrecise sums into f (every thread of the team gets them).
+template <int TEAM, typename A>
+__device__ __forceinline__ void kl_set_precise(const KlPrecise& mine, Final<A>& f, double* dsmem) {
+  double s[3] = {mine.zp, mine.a, mine.d};
+  team_reduce<TEAM, SumOp>(s, dsmem);
+  f.pL = ::log1p(s[2] / s[0]);
+  f.pinv_zp = 1.0 / s[0];
+  f.pinv_zq = 1.0 / (s[0] + s[2]);
+  const double kl = s[1] / s[0] + f.pL;
+  f.ploss = kl < 0.0 ? 0.0 : kl;  // never negative; NaN stays NaN
+}
 
 template <int TEAM, typename A>
 __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem) {
@@ -153,6 +229,9 @@ __device__ __forceinline__ Final<A> finalize(const Online<A>& st, A mm, A* smem)
   f.cd = ::log(static_cast<double>(s[0]) / static_cast<double>(s[2]));
   f.c = static_cast<A>(f.cd);
   f.mm = mm;
+  f.precise = f.pvalid && f.qvalid &&
+              !kl_fast_ok<A>(static_cast<double>(f.sp) / static_cast<double>(f.zp) - f.cd);
+  f.pinv_zp = f.pinv_zq = f.pL = f.ploss = 0.0;
   return f;
 }
 
@@ -231,6 +310,13 @@ __device__ __forceinline__ void kl_add_edges(const KlRow& row, const KlEdges<A>&
   if (row.tid < row.tail) st.add1(ed.tp, ed.tq);
 }
 
+template <typename A>
+__device__ __forceinline__ void kl_precise_edges(const KlRow& row, const KlEdges<A>& ed, const Final<A>& f,
+                                                 KlPrecise& pr) {
+  if (row.tid < row.head) pr.add(ed.hp, ed.hq, f.mp, f.mq);
+  if (row.tid < row.tail) pr.add(ed.tp, ed.tq, f.mp, f.mq);
+}
+
 // Pass 2 of the head and tail scalars (after the vectors), then the row's loss: the team's sum of
 // the KL terms, times the mask.
 template <int TEAM, typename T>
@@ -239,15 +325,15 @@ __device__ __forceinline__ void kl_finish_row(const KlRow& row, const KlEdges<ac
                                               acc_t<T>* __restrict__ rows, acc_t<T>* smem) {
   using A = acc_t<T>;
   if (row.tid < row.head) {
-    const A g = f.grad(ed.hp, ed.hq, kl[0]);
+    const A g = f.precise ? f.grad_precise(ed.hp, ed.hq) : f.grad(ed.hp, ed.hq, kl[0]);
     if (Gd != nullptr) Gd[row.a + row.tid] = static_cast<T>(g);
   }
   if (row.tid < row.tail) {
-    const A g = f.grad(ed.tp, ed.tq, kl[0]);
+    const A g = f.precise ? f.grad_precise(ed.tp, ed.tq) : f.grad(ed.tp, ed.tq, kl[0]);
     if (Gd != nullptr) Gd[row.sp.be + row.tid] = static_cast<T>(g);
   }
   team_reduce<TEAM, SumOp>(kl, smem);
-  if (row.tid == 0) rows[row.r] = kl[0] * f.mm;
+  if (row.tid == 0) rows[row.r] = f.row_loss(kl[0]);
 }
 
 // Rows of at most TEAM * VPT vectors, held on chip between the passes: p's vectors in registers,
@@ -293,21 +379,49 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
   }
   kl_add_edges(row, ed, st);
-  const Final<A> f = finalize<TEAM, A>(st, mm, smem);
+  Final<A> f = finalize<TEAM, A>(st, mm, smem);
+  if (f.precise) {  // the same for the whole team: its reductions stay together
+    __shared__ double dsmem[32 * 3];
+    KlPrecise pr;
+    pr.init();
+#pragma unroll
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
+      if (k < row.nb) {
+        A pv[VEC], qv[VEC];
+        to_acc<T, VEC>(cp[s], pv);
+        to_acc<T, VEC>(cq[s * THREADS], qv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) pr.add(pv[j], qv[j], f.mp, f.mq);
+      }
+    }
+    kl_precise_edges(row, ed, f, pr);
+    kl_set_precise<TEAM>(pr, f, dsmem);
+  }
 
   A kl[1] = {f.kl_init()};
+  // one loop per kind of row, each with its own element math (the choice is the same for the team)
+  auto pass2 = [&](auto precise) {
 #pragma unroll
-  for (int s = 0; s < VPT; ++s) {
-    const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
-    if (k < row.nb) {
-      A pv[VEC], qv[VEC];
-      to_acc<T, VEC>(cp[s], pv);
-      to_acc<T, VEC>(cq[s * THREADS], qv);
-      Pack<T, VEC> g;
+    for (int s = 0; s < VPT; ++s) {
+      const int64_t k = row.tid + static_cast<int64_t>(s) * TEAM;
+      if (k < row.nb) {
+        A pv[VEC], qv[VEC];
+        to_acc<T, VEC>(cp[s], pv);
+        to_acc<T, VEC>(cq[s * THREADS], qv);
+        Pack<T, VEC> g;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
-      if (Gd != nullptr) store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+        for (int j = 0; j < VEC; ++j) {
+          g.val[j] = static_cast<T>(f.template grad2<decltype(precise)::value>(pv[j], qv[j], kl[0]));
+        }
+        if (Gd != nullptr) store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+      }
     }
+  };
+  if (f.precise) {
+    pass2(std::true_type{});
+  } else {
+    pass2(std::false_type{});
   }
   kl_finish_row<TEAM, T>(row, ed, f, kl, Gd, rows, smem);
 }
@@ -361,7 +475,21 @@ __global__ void __launch_bounds__(THREADS, (kl_streamed_min_blocks<THREADS>()))
     }
   }
   kl_add_edges(row, ed, st);
-  const Final<A> f = finalize<TEAM, A>(st, mm, smem);
+  Final<A> f = finalize<TEAM, A>(st, mm, smem);
+  if (f.precise) {  // the same for the whole team: its reductions stay together
+    __shared__ double dsmem[32 * 3];
+    KlPrecise pr;
+    pr.init();
+    for (int64_t k = row.tid; k < row.nb; k += step) {
+      A pv[VEC], qv[VEC];
+      to_acc<T, VEC>(load_pack<T, VEC>(P + row.sp.h + k * VEC), pv);
+      to_acc<T, VEC>(load_pack<T, VEC>(Q + row.sp.h + k * VEC), qv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) pr.add(pv[j], qv[j], f.mp, f.mq);
+    }
+    kl_precise_edges(row, ed, f, pr);
+    kl_set_precise<TEAM>(pr, f, dsmem);
+  }
   if (Gd == nullptr) {
     // An all -inf row of p or q has no softmax: NaN, as kl_init() gives on the pass-2 paths.
     if (row.tid == 0) rows[row.r] = f.pvalid && f.qvalid ? f.pass1_loss() : f.kl_init();
@@ -369,32 +497,42 @@ __global__ void __launch_bounds__(THREADS, (kl_streamed_min_blocks<THREADS>()))
   }
 
   A kl[1] = {f.kl_init()};
-  // Backwards over the same (k0, u) tiles: the last-read vectors first.
+  // Backwards over the same (k0, u) tiles: the last-read vectors first. One loop per kind of row, each
+  // with its own element math (the choice is the same for the team).
   const int64_t nsteps = (row.nb + step * U - 1) / (step * U);
-  for (int64_t s = nsteps - 1; s >= 0; --s) {
-    const int64_t k0 = s * step * U + row.tid;
-    Pack<T, VEC> bp[U], bq[U];
+  auto pass2 = [&](auto precise) {
+    for (int64_t s = nsteps - 1; s >= 0; --s) {
+      const int64_t k0 = s * step * U + row.tid;
+      Pack<T, VEC> bp[U], bq[U];
 #pragma unroll
-    for (int u = U - 1; u >= 0; --u) {
-      const int64_t k = k0 + u * step;
-      if (k < row.nb) {
-        bp[u] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
-        bq[u] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
+      for (int u = U - 1; u >= 0; --u) {
+        const int64_t k = k0 + u * step;
+        if (k < row.nb) {
+          bp[u] = load_pack<T, VEC>(P + row.sp.h + k * VEC);
+          bq[u] = load_pack<T, VEC>(Q + row.sp.h + k * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = U - 1; u >= 0; --u) {
+        const int64_t k = k0 + u * step;
+        if (k < row.nb) {
+          A pv[VEC], qv[VEC];
+          to_acc<T, VEC>(bp[u], pv);
+          to_acc<T, VEC>(bq[u], qv);
+          Pack<T, VEC> g;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            g.val[j] = static_cast<T>(f.template grad2<decltype(precise)::value>(pv[j], qv[j], kl[0]));
+          }
+          store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
+        }
       }
     }
-#pragma unroll
-    for (int u = U - 1; u >= 0; --u) {
-      const int64_t k = k0 + u * step;
-      if (k < row.nb) {
-        A pv[VEC], qv[VEC];
-        to_acc<T, VEC>(bp[u], pv);
-        to_acc<T, VEC>(bq[u], qv);
-        Pack<T, VEC> g;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) g.val[j] = static_cast<T>(f.grad(pv[j], qv[j], kl[0]));
-        store_pack<T, VEC>(Gd + row.sp.h + k * VEC, g);
-      }
-    }
+  };
+  if (f.precise) {
+    pass2(std::true_type{});
+  } else {
+    pass2(std::false_type{});
   }
   kl_finish_row<TEAM, T>(row, ed, f, kl, Gd, rows, smem);
 }

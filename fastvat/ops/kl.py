@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvat import _checks
+from fastvat import _checks, _torch_internals
 from fastvat import reference as ref
 from fastvat.ops._backend import HAVE_KERNELS, use_kernel
 
@@ -12,7 +12,13 @@ REDUCTIONS = ref.REDUCTIONS
 
 def kl_div_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, *, mask: torch.Tensor | None = None,
                        reduction: str = "batchmean") -> torch.Tensor:
-    """KL(softmax(p) || softmax(q)) over the last dim; p is a constant (no gradient).
+    """KL(softmax(p) || softmax(q)) over the last dim.
+
+    Gradients flow to q_logits, and to p_logits only when it requires grad (so KL(q || p) is this op
+    with its arguments swapped); the usual call with a detached p pays nothing for it.
+    Logits of two dtypes are computed in the wider one (``torch.promote_types``); each gradient comes
+    back in its own argument's dtype. The KL and both gradients are accurate relative to their own
+    size, also for nearby distributions (the VAT regime), and the KL is never negative.
 
     reduction: ``"batchmean"`` the sum over rows / ``q_logits.shape[0]`` for logits of two or more
     dims (as ``F.kl_div``); 1-D logits are a single distribution, whose batchmean is its sum (``F.kl_div``
@@ -22,6 +28,8 @@ def kl_div_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, *, mask: 
     of them: a ``[B]`` mask on ``[B, T, C]`` logits masks whole samples, all T rows of each (so
     ``"mean"`` counts T rows per kept sample). Masked rows count 0.
     Logits with no classes (last dim 0) are a ValueError.
+    mask entries must be finite and >= 0 (a ValueError otherwise); they weight the rows in float32
+    (float64 for float64 logits), not in the logits' dtype.
     The loss is float32 for half inputs (float64 for float64). The gradient w.r.t. q_logits is
     computed in the forward pass; backward only scales it.
 
@@ -31,7 +39,7 @@ def kl_div_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, *, mask: 
     Raises:
         TypeError: non-floating-point logits, or a mask of the wrong dtype.
         ValueError: logits of different shapes or devices, no classes, an unknown reduction, or a
-            mask that does not cover the leading dims.
+            mask that does not cover the leading dims or holds a NaN, inf or negative entry.
     """
     _checks.tensor("p_logits", p_logits, floating=True)
     _checks.tensor("q_logits", q_logits, floating=True)
@@ -53,11 +61,12 @@ def kl_div_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, *, mask: 
     if not use_kernel(q_logits):
         return ref.kl_div_with_logits(p_logits, q_logits, mask=mask, reduction=reduction)
     classes = q_logits.shape[-1]
-    p2 = p_logits.detach().reshape(-1, classes)
-    q2 = q_logits.reshape(-1, classes)
-    if p2.dtype != q2.dtype:
-        p2 = p2.to(q2.dtype)
-    mask_flat = None if mask is None else mask.reshape(-1).to(ref.acc_dtype(q2.dtype))
+    dt = ref.kl_dtype(p_logits.dtype, q_logits.dtype)
+    # the wider dtype for both (never rounding the other down); .to's backward returns each gradient
+    # in its argument's own dtype
+    p2 = (p_logits if p_logits.requires_grad else p_logits.detach()).reshape(-1, classes).to(dt)
+    q2 = q_logits.reshape(-1, classes).to(dt)
+    mask_flat = None if mask is None else mask.reshape(-1).to(ref.acc_dtype(dt))
     compute_grad = torch.is_grad_enabled() and q_logits.requires_grad
     rows, _ = torch.ops.fastvat.kl_div_with_logits(p2, q2, mask_flat, compute_grad)
     rows = rows.reshape(lead)
@@ -82,20 +91,27 @@ def _kl_backward(ctx, grad_rows, _grad_of_grad):
     grad, ctx.grad = ctx.grad, None  # used once; a second backward (retain_graph) recomputes
     if grad_rows is None:
         return None, None, None, None
-    if not torch.is_grad_enabled() and (grad is None or grad.numel() != q.numel()):
-        # A second backward (retain_graph), or no gradient from the forward: the kernel again.
-        _, grad = torch.ops.fastvat.kl_div_with_logits(p, q.detach(), mask, True)
+    want_p, want_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():
-        # Double backward (create_graph=True): recompute differentiably.
-        dt = ref.acc_dtype(q.dtype)
-        g = torch.softmax(q.to(dt), -1) - torch.softmax(p.detach().to(dt), -1)
-        if mask is not None:
-            g = g * mask.to(dt).unsqueeze(-1)
-        return None, (g * grad_rows.to(dt).unsqueeze(-1)).to(q.dtype), None, None
+        # Double backward (create_graph=True): recompute differentiably, in float64.
+        gp, gq = ref.kl_grads(p, q, mask, want_p=want_p, want_q=want_q)
+        scale = grad_rows.to(torch.float64).unsqueeze(-1)
+        return (None if gp is None else (gp * scale).to(p.dtype),
+                None if gq is None else (gq * scale).to(q.dtype), None, None)
+    gp = None
+    if want_p:
+        # d KL / d p = softmax(p) * (d - sum softmax(p) d), d = p - q: only for a p that requires grad
+        gp, _ = ref.kl_grads(p, q, mask, want_p=True, want_q=False)
+        gp = (gp * grad_rows.to(torch.float64).unsqueeze(-1)).to(p.dtype)
+    if not want_q:
+        return gp, None, None, None
+    if grad is None or grad.numel() != q.numel():
+        # A second backward (retain_graph), or no gradient from the forward: the kernel again.
+        _, grad = torch.ops.fastvat.kl_div_with_logits(p.detach(), q.detach(), mask, True)
     scale = grad_rows.unsqueeze(-1).to(grad.dtype)
-    if type(grad) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0:
-        return None, grad.mul_(scale), None, None  # eager: reuse the forward's buffer
-    return None, grad * scale, None, None  # traced (fake/functional tensors): no mutation
+    if type(grad) is torch.Tensor and _torch_internals.dispatch_stack_empty():
+        return gp, grad.mul_(scale), None, None  # eager: reuse the forward's buffer
+    return gp, grad * scale, None, None  # traced (fake/functional tensors): no mutation
 
 
 if HAVE_KERNELS:

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from fastvat import _checks
+from fastvat import _checks, _torch_internals
 from fastvat import reference as ref
 from fastvat.ops._backend import use_kernel
 from fastvat.ops.kl import REDUCTIONS
@@ -135,11 +135,7 @@ def _kl_chunk(p, q, mask, compute_grad):
     rows = ref.kl_rows(p, q, mask)
     if not compute_grad:
         return rows, None
-    dt = ref.acc_dtype(q.dtype)
-    grad = torch.softmax(q.to(dt), -1) - torch.softmax(p.to(dt), -1)
-    if mask is not None:
-        m = mask.to(dt).unsqueeze(-1)
-        grad = torch.where(m == 0, torch.zeros_like(grad), grad * m)
+    _, grad = ref.kl_grads(p, q, mask, want_p=False)
     return rows, grad.to(q.dtype)
 
 
@@ -308,7 +304,7 @@ def _backward(ctx, grad_out, _g_hq, _g_w, _g_b):
     if torch.is_grad_enabled():
         res = _differentiable_grads(h_p, h_q, weight, bias, mask, grad_out.expand(n) if ctx.reduce else grad_out)
     elif ctx.reduce and grads is not None and _has(grads, need_h_q, need_weight, need_bias):
-        if type(grad_out) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0:
+        if type(grad_out) is torch.Tensor and _torch_internals.dispatch_stack_empty():
             res = tuple(g.mul_(grad_out) if g.numel() else g for g in grads)  # eager: reuse the buffers
         else:
             res = tuple(g * grad_out if g.numel() else g for g in grads)  # traced: no mutation
