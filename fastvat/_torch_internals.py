@@ -26,7 +26,7 @@ def has_kernel_for(op: str, dispatch_key: str) -> bool:
 
 
 def dispatch_stack_empty() -> bool:
-    """Whether no ``TorchDispatchMode`` is active. No public query exists; the fused ops' autograd
-    uses it (via the same private call, in fastvat/ops/kl.py and linear_kl.py) to take the compiled
-    fast path only outside modes such as FakeTensorMode or FlopCounterMode."""
+    """Whether no ``TorchDispatchMode`` is active. No public query exists; the fused ops' backward
+    (fastvat/ops/kl.py and linear_kl.py) scales the forward's gradient buffer in place only outside
+    modes such as FakeTensorMode or FlopCounterMode."""
     return torch._C._len_torch_dispatch_stack() == 0
