@@ -70,7 +70,7 @@ def _extensions():
         extra_compile_args={"cxx": cfg.cxx_flags()},
     )
     if with_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = cfg.NVCC_FLAGS
+        kwargs["extra_compile_args"]["nvcc"] = cfg.nvcc_flags()
         return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
     return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
 
