@@ -145,7 +145,7 @@ def emulated(monkeypatch):
         for name in names or ("l2_normalize", "perturb_", "kl_div_with_logits", "embedding_gather_add",
                               "embedding_gather_add_backward"):
             swapped[name] = checked(name)
-            monkeypatch.setattr(torch.ops.fastvat, name, swapped[name])
+            monkeypatch.setattr(torch.ops.fastvat, name, swapped[name], raising=False)
         return swapped
 
     yield swap
@@ -168,3 +168,16 @@ def ulp_error(got, truth, dtype, floor=0.0):
     err = torch.where(same, torch.zeros_like(g), (g - t).abs() / ulp)
     err = torch.where(err.isnan(), torch.full_like(err, float("inf")), err)
     return err.max().item()
+
+
+@pytest.fixture(params=["kernels", "emulated-cuda"])
+def kernels(request):
+    """A test taking this fixture runs twice: on the kernels fastvat loaded (CPU tensors: the CPU
+    kernels), and with torch.ops.fastvat.* pointed at the emulated CUDA kernels (``emulated``).
+    Cases on a real CUDA device only run once."""
+    if request.param == "emulated-cuda":
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        if params.get("device", "cpu") != "cpu":
+            pytest.skip("the emulated CUDA kernels take CPU tensors")
+        request.getfixturevalue("emulated")()
+    return request.param
