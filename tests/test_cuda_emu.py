@@ -143,6 +143,10 @@ def perturb_case(n, wdtype, ddtype, has_prev, offset=0, dmag=1.0, scale=0.75):
     size = w0.double().abs() + new.double().abs() + (prev0.double().abs() if has_prev else 0)
     err = ((w.double() - want).abs() / (size * torch.finfo(wdtype).eps)).max().item()
     assert err <= 2, err
+    # from the stored perturbation, the weight is rounded once: W(acc(w) + (acc(new) - acc(previous)))
+    acc = ref.acc_dtype(wdtype)
+    step = delta.to(acc) - prev0.to(acc) if has_prev else delta.to(acc)
+    assert torch.equal(w, (w0.to(acc) + step).to(wdtype))
 
 
 @pytest.mark.parametrize("wdtype,ddtype", [

@@ -10,8 +10,9 @@
 // direction data read last is still in L2.
 //
 // Rounding follows fastvat.reference.perturb_: nd = D(acc(direction) * f) (l2_normalize's output
-// in direction's dtype D), then new = W(nd) (the perturbation is stored in weight's dtype W) and
-//   with previous: weight = W(acc(weight) + acc(W(acc(new) - acc(previous))))   acc = opmath(W)
+// in direction's dtype D), then new = W(nd) (the perturbation is stored in weight's dtype W) and,
+// with acc = opmath(W), one rounding to W of the weight:
+//   with previous: weight = W(acc(weight) + (acc(new) - acc(previous)))
 //   without:       weight = W(acc(weight) + acc(new))
 //   delta = new
 #include "common.h"
