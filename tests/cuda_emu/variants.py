@@ -40,19 +40,22 @@ def _runtime(name):
     return out
 
 
-def asan(args):
-    t0 = time.monotonic()
-    lib = emu_build.build("asan")
-    print(f"asan build: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    # the sanitizer runtime must be loaded before anything else of the (uninstrumented) interpreter;
-    # leaks are the interpreter's and torch's, not the kernels'
-    env = {"LD_PRELOAD": _runtime("libasan.so"),
+def asan_env():
+    """What a process needs to load the asan build: the sanitizer runtime loaded before anything else
+    of the (uninstrumented) interpreter; leaks are the interpreter's and torch's, not the kernels'."""
+    return {"LD_PRELOAD": _runtime("libasan.so"),
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
            # two resume orders, not six: ASan makes each fiber switch slow, and the default run
            # already compares all six
            "FVEMU_ORDERS": "forward,greedy"}
-    return _pytest(lib, env, args)
+
+
+def asan(args):
+    t0 = time.monotonic()
+    lib = emu_build.build("asan")
+    print(f"asan build: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return _pytest(lib, asan_env(), args)
 
 
 def coverage(args):
