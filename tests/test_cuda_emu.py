@@ -107,7 +107,8 @@ def test_l2_normalize_masked(emu, dtype, shape, mask_shape, norm):
 
 @pytest.mark.parametrize("dtype,magnitude", [
     (torch.float32, 1e-30), (torch.float32, 1e30), (torch.float32, 1e-42), (torch.float64, 1e-300),
-    (torch.float64, 1e300), (torch.float16, 1e-6), (torch.float16, 1e4), (torch.bfloat16, 1e-35), (torch.bfloat16, 1e35),
+    (torch.float64, 1e300), (torch.float64, 1e-160), (torch.float64, 1e152), (torch.float16, 1e-6), (torch.float16, 1e4),
+    (torch.bfloat16, 1e-35), (torch.bfloat16, 1e35),
 ], ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape,norm", [((5, 37), "token"), ((3, 5000), "token"), ((70001,), "global"),
                                         ((4, 9, 31), "sample")], ids=["warp", "block", "chunks", "sample"])
@@ -116,17 +117,26 @@ def test_l2_normalize_extreme_magnitudes(emu, dtype, magnitude, shape, norm):
     l2_case(emu, seeded(*shape, seed=6, dtype=dtype, scale=magnitude), norm, tol=3.0)
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+@pytest.mark.parametrize("shape,norm", [((5, 37), "token"), ((3, 5000), "token"), ((70001,), "global")],
+                         ids=["warp", "block", "chunks"])
+def test_l2_normalize_extreme_scale(emu, scale, shape, norm):
+    """A trusted sum of squares whose factor scale / ||v|| is no normal float: the wide factor."""
+    l2_case(emu, seeded(*shape, seed=8, scale=1e-10 if scale > 1 else 1e10), norm, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape,norm", [((4, 37), "token"), ((4, 5000), "token"), ((4, 70001), "token")],
                          ids=["warp", "block", "chunks"])
-def test_l2_normalize_zero_and_nonfinite_groups(emu, shape, norm):
-    x = seeded(*shape, seed=7)
+def test_l2_normalize_zero_and_nonfinite_groups(emu, dtype, shape, norm):
+    x = seeded(*shape, seed=7, dtype=dtype, scale=1e200 if dtype == torch.float64 else 1.0)
     x[1] = 0
     x[2, 3] = float("nan")
     x[3, 5] = float("inf")
     out = checked("l2_normalize")(x, None, None, 1.0, norm)
     truth = l2_truth(x, norm)
     assert ulp_error(out[[0]], truth[[0]], x.dtype, floor=1e-3 * truth[0].abs().max().item()) <= 2
-    torch.testing.assert_close(out[1:], truth[1:].float(), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(out[1:], truth[1:].to(dtype), equal_nan=True, rtol=0, atol=0)
 
 
 # ---- perturb_ -----------------------------------------------------------------------------------------
@@ -166,7 +176,8 @@ def test_perturb_sizes_and_alignment(emu, n, offset):
 
 
 @pytest.mark.parametrize("dtype,dmag", [(torch.float32, 1e-25), (torch.float32, 1e25), (torch.float32, 1e-40),
-                                        (torch.float64, 1e200), (torch.float64, 1e-200), (torch.bfloat16, 1e35)],
+                                        (torch.float32, 1e-44), (torch.float32, 1e36), (torch.float64, 1e200),
+                                        (torch.float64, 1e-200), (torch.float64, 1e-310), (torch.bfloat16, 1e35)],
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_perturb_extreme_directions(emu, dtype, dmag):
     perturb_case(20000, dtype, dtype, True, dmag=dmag)

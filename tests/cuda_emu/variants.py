@@ -68,7 +68,9 @@ def coverage(args):
     rc = _pytest(lib, {}, args)
     cuda = os.path.join(REPO, "csrc", "cuda")
     common = ["gcovr", "--root", REPO, "--filter", cuda + os.sep, "--object-directory", objdir,
-              "--exclude-unreachable-branches", "--gcov-ignore-parse-errors=negative_hits.warn_once_per_file"]
+              "--exclude-unreachable-branches", "--gcov-ignore-parse-errors=negative_hits.warn_once_per_file",
+              # a line counts once, executed when any template instantiation executed it
+              "--merge-lines"]
     # per file: lines, executed, percent and the line numbers never executed; then the totals
     report = subprocess.run(common + ["--txt", "--txt-summary"], capture_output=True, text=True, cwd=REPO)
     text = report.stdout + report.stderr
