@@ -43,7 +43,9 @@ def _runtime(name):
 def asan_env():
     """What a process needs to load the asan build: the sanitizer runtime loaded before anything else
     of the (uninstrumented) interpreter; leaks are the interpreter's and torch's, not the kernels'."""
-    return {"LD_PRELOAD": _runtime("libasan.so"),
+    # (libstdc++ too: ASan's C++ exception interceptor needs it loaded when ASan starts, and the
+    # interpreter does not link it)
+    return {"LD_PRELOAD": " ".join((_runtime("libasan.so"), _runtime("libstdc++.so"))),
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
            # two resume orders, not six: ASan makes each fiber switch slow, and the default run
