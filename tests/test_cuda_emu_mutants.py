@@ -114,8 +114,9 @@ def test_mutant_is_caught(name):
         import variants
 
         env.update(variants.asan_env())
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          os.path.join(HERE, "test_cuda_emu.py"), "-k", select],
+    # -s under ASan: its report goes to stderr and ends the process, which pytest's capture would lose
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
+                         + (["-s"] if variant == "asan" else []) + [os.path.join(HERE, "test_cuda_emu.py"), "-k", select],
                          capture_output=True, text=True, cwd=REPO, env=env)
     out = run.stdout[-4000:] + run.stderr[-2000:]
     if variant == "asan":  # the sanitizer ends the process at the first report

@@ -57,7 +57,8 @@ def asan(args):
     t0 = time.monotonic()
     lib = emu_build.build("asan")
     print(f"asan build: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    return _pytest(lib, asan_env(), args)
+    # -s: a sanitizer report goes to stderr and ends the process; pytest's output capture would lose it
+    return _pytest(lib, asan_env(), ["-s"] + list(args))
 
 
 def coverage(args):
