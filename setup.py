@@ -1,6 +1,7 @@
 """Builds fastvat._C: CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
 
-FASTVAT_CUDA=0|1 forces the CUDA part off or on. No GPU is needed to compile: set
+FASTVAT_CUDA=0|1 forces the CUDA part off or on. FASTVAT_BENCH_OPS=1 adds the benchmark-only ops
+(fastvat/_build.py: bench_ops). No GPU is needed to compile: set
 TORCH_CUDA_ARCH_LIST (default here "8.0;9.0") and, if nvcc is a wrapper, CUDA_HOME.
 Install with `pip install --no-build-isolation -e .` after torch, so the extension is
 built against the torch you run.
@@ -70,7 +71,7 @@ def _extensions():
         extra_compile_args={"cxx": cfg.cxx_flags()},
     )
     if with_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = cfg.NVCC_FLAGS
+        kwargs["extra_compile_args"]["nvcc"] = cfg.nvcc_flags()
         return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
     return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
 

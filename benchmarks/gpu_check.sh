@@ -23,6 +23,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export FASTVAT_CUDA=1
+export FASTVAT_BENCH_OPS=1  # the benchmark-only op (_kl_div_with_logits_variant) the checks below use
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${FASTVAT_GPU_CHECK_BUDGET:-470}

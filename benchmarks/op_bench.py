@@ -236,6 +236,10 @@ def _kl_variants(p, q):
     def op():
         return torch.ops.fastvat.kl_div_with_logits(p, q.detach(), None, True)
 
+    if not hasattr(torch.ops.fastvat, "_kl_div_with_logits_variant"):
+        raise RuntimeError("the KL kernel variants need the benchmark-only ops: rebuild fastvat with "
+                           "FASTVAT_BENCH_OPS=1 (scripts/install.sh does)")
+
     def variant_op(variant):
         return lambda: torch.ops.fastvat._kl_div_with_logits_variant(p, q.detach(), None, True, variant)
 

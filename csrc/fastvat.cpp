@@ -24,11 +24,14 @@ TORCH_LIBRARY(fastvat, m) {
   // grad is an empty tensor when compute_grad is false. mask: optional float [N].
   m.def(
       "kl_div_with_logits(Tensor p_logits, Tensor q_logits, Tensor? mask, bool compute_grad) -> (Tensor, Tensor)");
-  // For benchmarks only (CUDA kernel only, no fake kernel or autograd): kl_div_with_logits with the
-  // kernel named by variant ("auto", as kl_div_with_logits, "cached", "stream" or "stream512"; see
-  // KlVariant in csrc/cuda/kl_div.cu). Same results up to the order of the float sums.
+#ifdef FASTVAT_BENCH_OPS
+  // For benchmarks and tests only, built with FASTVAT_BENCH_OPS=1 (CUDA kernel only, no fake kernel
+  // or autograd): kl_div_with_logits with the kernel named by variant ("auto", as
+  // kl_div_with_logits, "cached", "stream" or "stream512"; see KlVariant in csrc/cuda/kl_div.cu).
+  // Same results up to the order of the float sums.
   m.def(
       "_kl_div_with_logits_variant(Tensor p_logits, Tensor q_logits, Tensor? mask, bool compute_grad, str variant) -> (Tensor, Tensor)");
+#endif
 
   // out[n] = weight[ids[n]] + delta[delta_index[n]]  (out-of-place embedding-weight perturbation).
   // padding_idx (-1 for none) only matters to the backward, as in F.embedding.

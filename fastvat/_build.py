@@ -26,5 +26,19 @@ def sources(root: str, with_cuda: bool) -> list:
     return found
 
 
+def bench_ops() -> bool:
+    """FASTVAT_BENCH_OPS=1 at build time adds the benchmark-only ops (_kl_div_with_logits_variant),
+    which benchmarks and their tests use; user builds leave them out."""
+    return os.environ.get("FASTVAT_BENCH_OPS") == "1"
+
+
+def _defines() -> list:
+    return ["-DFASTVAT_BENCH_OPS"] if bench_ops() else []
+
+
 def cxx_flags() -> list:
-    return list(CXX_FLAGS)
+    return list(CXX_FLAGS) + _defines()
+
+
+def nvcc_flags() -> list:
+    return list(NVCC_FLAGS) + _defines()

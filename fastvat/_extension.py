@@ -53,7 +53,7 @@ def _try_jit() -> bool:
             sources=_build.sources(_ROOT, with_cuda),
             extra_include_paths=[csrc],
             extra_cflags=_build.cxx_flags(),
-            extra_cuda_cflags=_build.NVCC_FLAGS,
+            extra_cuda_cflags=_build.nvcc_flags(),
             extra_ldflags=_build.LINK_FLAGS,
             is_python_module=False,
             verbose=False,

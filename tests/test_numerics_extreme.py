@@ -3,7 +3,8 @@
 Softmax is shift-invariant, so KL(softmax(p + a) || softmax(q + b)) must not lose digits as the
 offsets grow; an L2 normalisation must give a unit direction for any finite non-zero vector, not
 zeros when the sum of squares under- or overflows. Each case runs on the vectorized kernels, on their
-ATen fallback (FASTVAT_CPU_SIMD=0, in a subprocess) and on the pure-PyTorch reference.
+ATen fallback (FASTVAT_CPU_SIMD=0, in a subprocess) and on the pure-PyTorch reference; the cases taking
+the ``kernels`` fixture also run on the CUDA kernels, emulated on the CPU (tests/emu_helpers.py).
 """
 import json
 import os
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from fastvat import ops
 from fastvat import reference as ref
 
+from emu_helpers import emulated, kernels  # noqa: F401  (fixtures)
 from op_helpers import needs_ops
 
 
@@ -46,7 +48,7 @@ OFFSETS = [0.0, 10.0, 100.0, 1e4]
 
 @pytest.mark.parametrize("shape", KL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("with_grad", [False, True], ids=["loss", "loss+grad"])
-def test_kl_forward_is_shift_invariant(shape, with_grad):
+def test_kl_forward_is_shift_invariant(kernels, shape, with_grad):
     for offset in OFFSETS:
         p, q = offset_rows(*shape, offset)
         rows = ops.kl_div_with_logits(p, q.requires_grad_(with_grad), reduction="none")
@@ -59,7 +61,7 @@ def test_kl_shift_invariance_on_the_reference_backend():
         assert max_rel_err(ref.kl_rows(p, q), kl_truth(p, q)) <= 1e-5, offset
 
 
-def test_kl_one_hot_teacher_with_a_huge_logit():
+def test_kl_one_hot_teacher_with_a_huge_logit(kernels):
     p = torch.zeros(3, 32000)
     p[:, 5] = 1e4
     q = torch.randn(3, 32000, generator=torch.Generator().manual_seed(1))
@@ -68,7 +70,7 @@ def test_kl_one_hot_teacher_with_a_huge_logit():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_kl_16bit_offset_rows(dtype):
+def test_kl_16bit_offset_rows(kernels, dtype):
     """16-bit logits are computed in float32: the error is float32's, far inside the 16-bit tolerance."""
     offset = 100.0 if dtype == torch.bfloat16 else 10.0  # within the dtype's range at a useful spacing
     p, q = offset_rows(4, 32000, offset, dtype=dtype)
@@ -125,7 +127,7 @@ def check_unit_direction(out, x, norm, scale, mask=None, rtol=1e-5):
 
 @pytest.mark.parametrize("dtype,magnitude", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("norm", ["global", "sample", "token"])
-def test_l2_normalize_gives_a_unit_direction_at_any_magnitude(dtype, magnitude, norm):
+def test_l2_normalize_gives_a_unit_direction_at_any_magnitude(kernels, dtype, magnitude, norm):
     x = scaled_input(dtype, magnitude)
     mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
     rtol = 1e-5 if dtype != torch.bfloat16 else 1e-2
@@ -137,14 +139,14 @@ def test_l2_normalize_gives_a_unit_direction_at_any_magnitude(dtype, magnitude, 
 
 
 @pytest.mark.parametrize("dtype,magnitude", CASES, ids=CASE_IDS)
-def test_l2_normalize_with_baseline_at_any_magnitude(dtype, magnitude):
+def test_l2_normalize_with_baseline_at_any_magnitude(kernels, dtype, magnitude):
     x, b = scaled_input(dtype, magnitude), scaled_input(dtype, magnitude, shape=(3, 5, 70)).flip(-1)
     rtol = 1e-5 if dtype != torch.bfloat16 else 1e-2
     out = ops.l2_normalize(x, baseline=b, norm="sample")
     check_unit_direction(out, x.double() - b.double(), "sample", 1.0, rtol=rtol if dtype != torch.float32 else 1e-4)
 
 
-def test_l2_normalize_of_zero_and_nonfinite_groups_is_unchanged():
+def test_l2_normalize_of_zero_and_nonfinite_groups_is_unchanged(kernels):
     x = torch.randn(4, 33, generator=torch.Generator().manual_seed(0)) * 1e-30
     x[1] = 0.0
     x[2, 3] = float("nan")
@@ -170,7 +172,7 @@ def test_l2_normalize_on_normal_data_is_unchanged_by_the_scaling():
                                              (torch.float64, 1e300)], ids=["fp32-1e-30", "fp32-1e30", "fp64-1e-300",
                                                                            "fp64-1e300"])
 @pytest.mark.parametrize("norm", ["global", "sample", "token"])
-def test_l2_normalize_backward_at_any_magnitude(dtype, magnitude, norm):
+def test_l2_normalize_backward_at_any_magnitude(kernels, dtype, magnitude, norm):
     """d(x / ||x||)/dx is homogeneous of degree -1: the gradient at c*x is the gradient at x over c."""
     x = scaled_input(torch.float64, 1.0, shape=(3, 4, 6))
     g = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -199,7 +201,7 @@ def test_l2_normalize_backward_independent_of_thread_count(norm):
 
 
 @pytest.mark.parametrize("dtype,magnitude", CASES, ids=CASE_IDS)
-def test_perturb_direction_normalised_at_any_magnitude(dtype, magnitude):
+def test_perturb_direction_normalised_at_any_magnitude(kernels, dtype, magnitude):
     w = torch.zeros(7, 300, dtype=dtype)
     d = scaled_input(dtype, magnitude, shape=(7, 300))
     new = ops.perturb_(w, d, scale=0.5)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fastvat import ops
 from fastvat import reference as ref
 
+from emu_helpers import emulated, kernels  # noqa: F401  (fixtures)
 from op_helpers import COMPILED, CPU_KERNELS, CUDA, DEVICES, DTYPE_IDS, DTYPES, assert_close, randn, require_kernels
 
 # (1, 131072) and (3, 200003) take the CPU kernel's column-span split (<= 4 rows of >= 64k classes)
@@ -20,7 +21,7 @@ KL_SHAPES = [(5, 7), (64, 1023), (3, 32000), (1, 131072), (3, 200003), (2, 3, 17
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", KL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kl_matches_reference(device, dtype, shape):
+def test_kl_matches_reference(kernels, device, dtype, shape):
     p = randn(*shape, dtype=dtype, device=device, scale=2.0)
     q = randn(*shape, dtype=dtype, device=device, seed=1, scale=2.0).requires_grad_()
     lead = shape[:-1]
@@ -84,7 +85,7 @@ def test_kl_long_rows_split_into_spans():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
-def test_kl_reductions(device, reduction):
+def test_kl_reductions(kernels, device, reduction):
     p, q = randn(6, 50, device=device, scale=3.0), randn(6, 50, device=device, seed=1, scale=3.0)
     mask = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool, device=device)
     for m in (None, mask):
@@ -115,7 +116,7 @@ def test_kl_gradcheck(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kl_backward_twice_and_double_backward(device):
+def test_kl_backward_twice_and_double_backward(kernels, device):
     """backward reuses the forward's gradient buffer once; a second backward (retain_graph) gives
     the same bits, and create_graph gives a correct Hessian-vector product."""
     p, q = randn(5, 33, device=device), randn(5, 33, device=device, seed=1).requires_grad_()
@@ -137,7 +138,7 @@ def test_kl_backward_twice_and_double_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kl_edge_cases(device):
+def test_kl_edge_cases(kernels, device):
     # identical logits: zero loss and zero gradient
     p = randn(3, 1000, device=device, scale=5.0)
     q = p.clone().requires_grad_()
@@ -247,16 +248,25 @@ def test_opcheck_kl(device):
     torch.library.opcheck(torch.ops.fastvat.kl_div_with_logits.default, (p, q.detach(), None, False))
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA is not available")
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA is not available")),
+                                     "emulated-cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(5, 7), (3, 5000), (2, 20001)], ids=lambda s: "x".join(map(str, s)))
-def test_kl_kernel_variants_cuda(dtype, shape):
+def test_kl_kernel_variants_cuda(backend, dtype, shape, emulated):
     """The benchmark-only op's kernel choices agree with the reference; "auto" is kl_div_with_logits
-    bit for bit, and an unknown choice is an error."""
-    require_kernels("cuda")
-    p = randn(*shape, dtype=dtype, device="cuda", scale=2.0)
-    q = randn(*shape, dtype=dtype, device="cuda", seed=1, scale=2.0)
-    mask = torch.ones(shape[0], dtype=torch.float32, device="cuda")
+    bit for bit, and an unknown choice is an error. The op exists only in builds with
+    FASTVAT_BENCH_OPS=1 (the emulated build always has it)."""
+    if backend == "emulated-cuda":
+        emulated("kl_div_with_logits", "_kl_div_with_logits_variant")
+        device = "cpu"
+    else:
+        require_kernels("cuda")
+        device = "cuda"
+    if not hasattr(torch.ops.fastvat, "_kl_div_with_logits_variant"):
+        pytest.skip("fastvat was built without the benchmark-only ops (FASTVAT_BENCH_OPS=1)")
+    p = randn(*shape, dtype=dtype, device=device, scale=2.0)
+    q = randn(*shape, dtype=dtype, device=device, seed=1, scale=2.0)
+    mask = torch.ones(shape[0], dtype=torch.float32, device=device)
     mask[-1] = 0.0
     rows_ref = ref.kl_div_with_logits(p, q, mask=mask.bool(), reduction="none")
     grad_ref = (torch.softmax(q.float(), -1) - torch.softmax(p.float(), -1)) * mask[:, None]

@@ -607,6 +607,7 @@ void launch_kl_streamed(const T* p, const T* q, T* g, const acc_t<T>* m, acc_t<T
 // Misaligned rows take the scalar streaming kernels whatever the choice.
 enum class KlVariant { kAuto, kCached, kStream, kStream512 };
 
+#ifdef FASTVAT_BENCH_OPS
 KlVariant parse_kl_variant(c10::string_view v) {
   if (v == "auto") return KlVariant::kAuto;
   if (v == "cached") return KlVariant::kCached;
@@ -615,6 +616,7 @@ KlVariant parse_kl_variant(c10::string_view v) {
   TORCH_CHECK(false, "fastvat._kl_div_with_logits_variant: variant must be 'auto', 'cached', 'stream' or "
               "'stream512', got '", std::string(v.data(), v.size()), "'");
 }
+#endif
 
 template <typename T>
 void kl_dispatch(const at::Tensor& p, const at::Tensor& q, const at::Tensor& mask, at::Tensor& rows,
@@ -673,12 +675,14 @@ std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_cuda(const at::Tensor& p, 
   return kl_rows_cuda(p, q, mask, compute_grad, KlVariant::kAuto);
 }
 
+#ifdef FASTVAT_BENCH_OPS
 // Benchmark-only: kl_div_with_logits with the kernel choice named by `variant` (see KlVariant).
 std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_variant_cuda(const at::Tensor& p, const at::Tensor& q,
                                                                    const std::optional<at::Tensor>& mask,
                                                                    bool compute_grad, c10::string_view variant) {
   return kl_rows_cuda(p, q, mask, compute_grad, parse_kl_variant(variant));
 }
+#endif
 
 }  // namespace
 }  // namespace cuda
@@ -686,5 +690,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_with_logits_variant_cuda(const at::Ten
 
 TORCH_LIBRARY_IMPL(fastvat, CUDA, m) {
   m.impl("kl_div_with_logits", &fastvat::cuda::kl_div_with_logits_cuda);
+#ifdef FASTVAT_BENCH_OPS
   m.impl("_kl_div_with_logits_variant", &fastvat::cuda::kl_div_with_logits_variant_cuda);
+#endif
 }

@@ -11,8 +11,9 @@
 //
 // Rounding follows fastvat.reference.perturb_: nd = D(acc(direction) * f) (l2_normalize's output
 // in direction's dtype D), then new = W(nd) (the perturbation is stored in weight's dtype W; ops.perturb_
-// widens a direction narrower than W first, so D(...) never rounds below W) and
-//   with previous: weight = W(acc(weight) + acc(W(acc(new) - acc(previous))))   acc = opmath(W)
+// widens a direction narrower than W first, so D(...) never rounds below W) and, with acc = opmath(W),
+// one rounding to W of the weight:
+//   with previous: weight = W(acc(weight) + (acc(new) - acc(previous)))
 //   without:       weight = W(acc(weight) + acc(new))
 //   delta = new
 #include "common.h"
