@@ -33,6 +33,7 @@ import timing  # noqa: E402
 BLOCK = 4
 METHODS = {
     "sup": ("sup", {}),
+    "noise[eps=10]": ("noise", {"eps": 10.0}),
     "vat_weight": ("vat_weight", {}),
     "vat_lazy[every=2]": ("vat_lazy", {"every": 2}),
     "vat_lazy[every=4]": ("vat_lazy", {"every": 4}),

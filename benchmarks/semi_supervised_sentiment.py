@@ -698,12 +698,12 @@ def describe(settings):
     return " ".join(parts)
 
 
-def fmt_gain(g):
+def fmt_gain(g, digits=2):
     if g is None or math.isnan(g["mean"]):
         return "n/a", "n/a"
-    ci = "" if math.isnan(g["ci_low"]) else f" [{100 * g['ci_low']:+.2f}, {100 * g['ci_high']:+.2f}]"
+    ci = "" if math.isnan(g["ci_low"]) else f" [{100 * g['ci_low']:+.{digits}f}, {100 * g['ci_high']:+.{digits}f}]"
     p = "n/a" if math.isnan(g["wilcoxon_p"]) else f"{g['wilcoxon_p']:.3f}"
-    return f"{100 * g['mean']:+.2f}{ci}", p
+    return f"{100 * g['mean']:+.{digits}f}{ci}", p
 
 
 def write_markdown(path, res):
@@ -815,6 +815,7 @@ def ladder_steps(summary, pairs=LADDER):
 FRONTIER_FAMILIES = ("vat_lazy", "vat_warmup", "vat_bf16")
 FRONTIER_REFERENCE = "vat_weight"
 NON_INFERIORITY_PP = -1.0  # the lowest acceptable 95 % lower bound of (setting − full VAT), in points
+CHEAPER = 0.95  # "measurably cheaper": a step cost at most this fraction of full VAT's, in the same timing run
 
 
 def cost_key(fam, settings):
@@ -822,6 +823,8 @@ def cost_key(fam, settings):
     sc = settings.get("schedule") or {}
     if fam == "vat_lazy":
         return f"vat_lazy[every={sc.get('every', 1)}]"
+    if fam == "noise":
+        return variant_name(fam, {"eps": settings["kwargs"]["eps"]})
     if fam == "vat_warmup":
         mode, _ = parse_warmup(sc.get("warmup", "none"))
         return "vat_warmup[warmup=ramp*]" if mode == "ramp" else f"vat_warmup[warmup={sc['warmup']}]"
@@ -833,19 +836,23 @@ def frontier(summary, step_cost=None):
     ref = summary.get(FRONTIER_REFERENCE)
     costs = (step_cost or {}).get("cost_vs_sup", {})
     rows = []
-    for name in ["sup", FRONTIER_REFERENCE] + [n for n, e in summary.items() if e["family"] in FRONTIER_FAMILIES]:
+    floor = [n for n, e in summary.items() if e["family"] == "noise"]  # random noise: the floor
+    for name in ["sup"] + floor + [FRONTIER_REFERENCE] + \
+            [n for n, e in summary.items() if e["family"] in FRONTIER_FAMILIES]:
         e = summary.get(name)
         if e is None:
             continue
         row = dict(method=name, family=e["family"], n=len(e["seeds"]), gain=e.get("gain"),
                    cost=costs.get("sup" if name == "sup" else cost_key(e["family"], e["settings"])))
-        if e["family"] in FRONTIER_FAMILIES and ref is not None:
+        if (e["family"] in FRONTIER_FAMILIES or e["family"] == "noise") and ref is not None:
             dm, dr = e.get("paired_diff", {}), ref.get("paired_diff", {})
             common = [s for s in dm if s in dr]
             st = paired_stats([dm[s] - dr[s] for s in common])
             row["vs_vat"] = st
             row["non_inferior"] = bool(len(common) >= 2 and not math.isnan(st["ci_low"])
                                        and 100 * st["ci_low"] >= NON_INFERIORITY_PP)
+            ref_cost = costs.get(FRONTIER_REFERENCE)
+            row["cheaper"] = None if row["cost"] is None or ref_cost is None else row["cost"] <= CHEAPER * ref_cost
         rows.append(row)
     return rows
 
@@ -1000,25 +1007,29 @@ def write_protocol_markdown(path, res):
         lines.append("## 4. VAT paid for less (the cost–accuracy frontier)")
         lines.append("")
         lines.append(f"Gain over sup and the non-inferiority number: setting − full VAT ({FRONTIER_REFERENCE}) on the "
-                     f"same seeds, mean with a 95 % t-interval; a setting passes when that interval's lower bound is "
-                     f"≥ {NON_INFERIORITY_PP:+.1f} pp. Cost: one optimizer step / one supervised step, from "
+                     f"same seeds, mean with a 95 % t-interval; non-inferior when that interval's lower bound is "
+                     f"≥ {NON_INFERIORITY_PP:+.1f} pp; cheaper when its step costs ≤ {CHEAPER:g} × full VAT's in the "
+                     f"same timing run; a setting ships only when both hold. Cost: one optimizer step / one "
+                     f"supervised step, from "
                      f"{res.get('step_cost_source') or 'no step-cost file (pass --step-cost)'} "
                      "(interleaved timing, not the wall times above). Plot: frontier.png.")
         lines.append("")
         lines.append("| method | settings | n | gain over sup (pp) [95 % CI] | setting − VAT (pp) [95 % CI] | Wilcoxon p "
-                     "| W/T/L vs VAT | cost / sup | non-inferior |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     "| W/T/L vs VAT | cost / sup | non-inferior | cheaper | ships |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in fr:
             e = ev[r["method"]]
             gain = fmt_gain(r["gain"])[0] if r["gain"] else ""
             cost = "n/a" if r["cost"] is None else f"{r['cost']:.2f}"
             if "vs_vat" in r:
                 v = r["vs_vat"]
-                diff, pval = fmt_gain(v)
+                diff, pval = fmt_gain(v, digits=3)  # the verdict turns on the bound's third decimal
+                yn = {True: "yes", False: "no", None: "n/a"}
+                ships = r["family"] in FRONTIER_FAMILIES and r["non_inferior"] and bool(r["cheaper"])
                 tail = f"{diff} | {pval} | {v['wins']}/{v['ties']}/{v['losses']} | {cost} | " \
-                       f"{'yes' if r['non_inferior'] else 'no'} |"
+                       f"{yn[r['non_inferior']]} | {yn[r['cheaper']]} | {yn[ships] if r['family'] != 'noise' else ''} |"
             else:
-                tail = f" | | | {cost} | |"
+                tail = f" | | | {cost} | | | |"
             lines.append(f"| {r['method']} | {describe(e['settings'])} | {r['n']} | {gain} | {tail}")
     lines.append("")
     lines.append("Per-seed gains: paired_gains.png. torch {torch}, transformers {tr}, fastvat backend {b}.".format(
