@@ -421,3 +421,31 @@ def test_linear_kl_chunks_on_the_cuda_kl_kernel(emulated, dtype, reduction):
     for g, wg in zip(grads, want_grads):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), wg, rtol=tol, atol=tol * wg.abs().max().item())
+
+
+# ---- the KL of nearby distributions, relative to its own size --------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(5, 37), (3, 5000), (2, 20011)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", ["auto", "cached", "stream", "stream512"])
+def test_kl_tiny_is_accurate_relative_to_itself(emu, dtype, shape, variant):
+    """q = p + 1e-5 noise on shifted logits: the KL (~1e-11) within 1e-3 of its second-order value
+    ½ Var_π(p − q) of the given logits (exact to O(|p − q|³), independent of the kernel's algebra),
+    never negative; where p == q (row 0) the KL and the gradient are exactly 0."""
+    if variant != "auto" and not has_op("_kl_div_with_logits_variant"):
+        pytest.skip("built without FASTVAT_BENCH_OPS")
+    p64 = seeded(*shape, seed=5, dtype=torch.float64, scale=2.0) + 7.0
+    q64 = p64 + seeded(*shape, seed=6, dtype=torch.float64, scale=1e-5)
+    p, q = p64.to(dtype), q64.to(dtype)
+    q[0] = p[0]
+    if variant == "auto":
+        rows, grad = checked("kl_div_with_logits")(p, q, None, True)
+    else:
+        rows, grad = checked("_kl_div_with_logits_variant")(p, q, None, True, variant)
+    d = p.double() - q.double()
+    pi = torch.softmax(p.double(), -1)
+    m = (pi * d).sum(-1, keepdim=True)
+    second_order = 0.5 * (pi * (d - m) ** 2).sum(-1)
+    assert (rows >= 0).all(), rows
+    assert rows[0] == 0 and (grad[0] == 0).all()
+    rel = ((rows.double() - second_order).abs() / second_order)[1:]
+    assert rel.max().item() <= 1e-3, rel
