@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/cuda/ run on the CPU through the emulator in tests/cuda_emu/.
 
-``load()`` builds (once per session, cached in build/cuda_emu/) and loads the test-only extension
+``load()`` builds (once per test process, cached in build/cuda_emu/) and loads the test-only extension
 that registers the CUDA host code as ``torch.ops.fastvat_emu.*`` for CPU tensors. ``ORDERS`` are the
 fiber resume orders every emulated call is repeated under: results must agree bit for bit, or a
 barrier is missing. ``emulated`` (a fixture factory) swaps ``torch.ops.fastvat.<op>`` for the
@@ -35,7 +35,7 @@ def load():
     if os.environ.get("FASTVAT_EMU") == "0":
         pytest.skip("emulated CUDA kernels disabled (FASTVAT_EMU=0)")
     if _STATE["error"] is not None:
-        pytest.fail(f"emulated CUDA build failed earlier in this session: {_STATE['error']}")
+        pytest.fail(f"emulated CUDA build failed earlier in this test run: {_STATE['error']}")
     if not _STATE["loaded"]:
         try:
             path = os.environ.get("FVEMU_LIB")
